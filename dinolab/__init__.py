@@ -1,0 +1,23 @@
+"""dinolab: DINOv3 and its dense-prediction stack, rebuilt in plain PyTorch for the notebooks.
+
+One file per component (see the README's map). Submodules are imported lazily so that
+``import dinolab`` stays fast and a reader can open any single file on its own.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {
+    "patch_embed", "rope", "attention", "block", "vit", "weights", "trace", "utils", "ssl", "data",
+    "msdeform", "adapter", "pixel_decoder", "heads", "lora", "train", "viz", "pretrain",
+}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name == "trace_table":
+        return importlib.import_module(".trace", __name__).trace
+    raise AttributeError(f"module 'dinolab' has no attribute {name!r}")
