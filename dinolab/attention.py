@@ -66,7 +66,8 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def apply_rope(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """q, k: (B, heads, N, D_head); rope: (sin, cos), each (H*W, D_head)."""
+        """q, k: (B, heads, N, D_head); rope: (sin, cos), each (H*W, D_head). The readable version,
+        used by the notebooks; ``forward`` does the same rotation in one pass over the fused qkv."""
         sin, cos = rope
         q_dtype, k_dtype = q.dtype, k.dtype
         q, k = q.to(sin.dtype), k.to(sin.dtype)  # rotate in the rope dtype, as the official code
@@ -80,10 +81,19 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        if rope is not None:
+            sin, cos = rope
+            prefix = N - sin.shape[0]  # cls + storage tokens: not rotated
+            if prefix < 0:
+                raise ValueError(f"RoPE has {sin.shape[0]} positions but there are only {N} tokens")
+            # Rotate q and k of the patch tokens together, written back into the fused qkv output
+            # (one elementwise pass instead of two slices + two concatenations). In-place is safe
+            # for autograd: a Linear does not keep its output for the backward pass.
+            qk = qkv[:, prefix:, :2]  # (B, HW, 2, heads, D_head)
+            s, c = sin[:, None, None, :], cos[:, None, None, :]  # broadcast over (q|k, heads)
+            qkv[:, prefix:, :2] = rope_apply(qk.to(sin.dtype), s, c).to(qkv.dtype)
         q, k, v = qkv.unbind(2)  # each (B, N, heads, D_head)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, N, D_head)
-        if rope is not None:
-            q, k = self.apply_rope(q, k, rope)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))

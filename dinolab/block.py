@@ -135,5 +135,12 @@ class SelfAttentionBlock(nn.Module):
             idx2 = torch.randperm(b, device=x.device)[:keep]
             r2 = self.ls2(self.mlp(self.norm2(x[idx2])))
             return torch.index_add(x, 0, idx2, r2.to(x.dtype), alpha=scale)
-        x = x + self.ls1(self.attn(self.norm1(x), rope=rope))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = _add_residual(x, self.attn(self.norm1(x), rope=rope), self.ls1)
+        return _add_residual(x, self.mlp(self.norm2(x)), self.ls2)
+
+
+def _add_residual(x: Tensor, branch: Tensor, ls: nn.Module) -> Tensor:
+    """x + ls(branch); with LayerScale as one fused multiply-add (x + gamma * branch)."""
+    if isinstance(ls, LayerScale) and not ls.inplace:
+        return torch.addcmul(x, branch, ls.gamma)
+    return x + ls(branch)

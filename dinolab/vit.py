@@ -166,6 +166,19 @@ class DinoVisionTransformer(nn.Module):
         return head, self.norm(x[:, p:])
 
     # ------------------------------------------------------------------ forward
+    def _rope(self, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """(sin, cos) for one block. In training each block draws its own RoPE augmentation (the
+        official code calls rope_embed once per block); in eval the result is the same every time,
+        so it is computed once per (H, W) and device and reused by every block."""
+        if self.training:
+            return self.rope_embed(H=H, W=W)
+        p = self.rope_embed.periods  # the key changes when periods are moved, cast or loaded in place
+        key = (H, W, p.device, p.dtype, p.data_ptr(), p._version, self.rope_embed.normalize_coords)
+        if getattr(self, "_rope_cache_key", None) != key:
+            self._rope_cache = self.rope_embed(H=H, W=W)
+            self._rope_cache_key = key
+        return self._rope_cache
+
     def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | list | None = None):
         """A dict for a Tensor, a list of dicts for a list of crops (e.g. [global, local])."""
         if isinstance(x, Tensor):
@@ -176,9 +189,7 @@ class DinoVisionTransformer(nn.Module):
     def _forward_features_one(self, x: Tensor, masks: Tensor | None, local_crops: bool = False) -> dict:
         x, (H, W) = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
-            # recomputed per block, as the official code: in training each block draws its own
-            # RoPE augmentation; in eval the result is the same every time
-            x = blk(x, self.rope_embed(H=H, W=W))
+            x = blk(x, self._rope(H, W))
         head, patches = self._split_norm(x, local_crops)
         return {
             "x_norm_clstoken": head[:, 0],
@@ -213,7 +224,7 @@ class DinoVisionTransformer(nn.Module):
         tokens, (H, W) = self.prepare_tokens_with_masks(x)
         outputs = []
         for i, blk in enumerate(self.blocks[: max(take) + 1]):  # no need to run blocks after the last one taken
-            tokens = blk(tokens, self.rope_embed(H=H, W=W))
+            tokens = blk(tokens, self._rope(H, W))
             if i in take:
                 outputs.append(tokens)
         if norm:

@@ -195,3 +195,19 @@ def test_untied_norms():
     assert not torch.allclose(g["x_norm_clstoken"], l_["x_norm_clstoken"])  # local crops use local_cls_norm
     torch.testing.assert_close(g["x_norm_patchtokens"].shape, l_["x_norm_patchtokens"].shape)
     assert isinstance(vit.DinoVisionTransformer(embed_dim=64, depth=1, num_heads=4, norm_layer="rmsnorm").norm, RMSNorm)
+
+
+def test_eval_rope_cache_follows_loaded_periods():
+    model = vit.dinov3_vittiny16().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a = model(x)
+        sd = model.state_dict()
+        sd["rope_embed.periods"] = sd["rope_embed.periods"] * 1.5
+        model.load_state_dict(sd)
+        b = model(x)
+        fresh = vit.dinov3_vittiny16().eval()
+        fresh.load_state_dict(sd)
+        c = fresh(x)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, c)
