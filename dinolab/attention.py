@@ -3,8 +3,10 @@
 * One fused ``qkv`` Linear (D -> 3D): one matmul instead of three; the output is read as
   (B, N, 3, heads, D_head).
 * ``mask_k_bias``: the released models multiply the qkv bias by a buffer ``bias_mask`` that is
-  1 on the q and v thirds and 0 on the k third. A bias on k adds the same number to every logit of
-  a query row, and softmax ignores a constant shift, so it is useless; DINOv3 zeroes it explicitly.
+  1 on the q and v thirds and 0 on the k third. Without RoPE a bias on k would add the same number
+  q·b to every logit of a query row, which softmax ignores; but RoPE rotates k *after* the bias is
+  added, so q·R_j b changes with the key's position j and the bias would act as a learned positional
+  term. DINOv3 removes it explicitly (notebook 03 shows both cases).
 * RoPE rotates q and k of the patch tokens only; cls and storage tokens (the first ``N - H*W``
   tokens) are left unrotated: they have no position.
 * The attention itself is ``F.scaled_dot_product_attention`` (fused kernels, scale 1/sqrt(D_head)).

@@ -176,13 +176,12 @@ def official_to_hf(sd: Mapping[str, Tensor], prefix: str = "model.") -> StateDic
                 out[f"{pre}attention.{n}_proj.weight"] = t
         elif name == "attn.qkv.bias":
             mask = sd.get(f"blocks.{i}.attn.qkv.bias_mask")
-            qb, kb, vb = v.chunk(3, 0)
+            # the bias the official model actually adds (its forward uses bias * bias_mask)
+            qb, kb, vb = (v * mask.to(v.dtype) if mask is not None else v).chunk(3, 0)
             out[f"{pre}attention.q_proj.bias"] = qb
             out[f"{pre}attention.v_proj.bias"] = vb
-            if mask is None:
+            if mask is None or bool(kb.any()):  # a k bias that acts: needs DINOv3ViTConfig(key_bias=True)
                 out[f"{pre}attention.k_proj.bias"] = kb
-            elif bool(mask.chunk(3, 0)[1].any()):
-                raise CheckpointError(f"blocks.{i}.attn.qkv.bias_mask does not zero the k bias; transformers cannot hold it")
         elif name == "attn.qkv.bias_mask":
             continue
         else:

@@ -101,3 +101,23 @@ def test_not_a_dinov3_checkpoint():
         weights.hf_to_official({"embeddings.cls_token": torch.zeros(1, 1, 4), "pooler.dense.weight": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         weights.load_backbone("/nonexistent/dinov3.pth")
+
+
+def test_official_to_hf_uses_the_effective_masked_bias():
+    """transformers has no bias_mask: the converted biases must be the ones the official forward adds."""
+    from dinolab.attention import LinearKMaskedBias
+
+    model = vit.DinoVisionTransformer(embed_dim=64, depth=1, num_heads=4, n_storage_tokens=4, mask_k_bias=True,
+                                      layerscale_init=1e-5, norm_layer="layernormbf16")
+    assert isinstance(model.blocks[0].attn.qkv, LinearKMaskedBias)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.bias.normal_()
+        model.blocks[0].attn.qkv.bias_mask[:64] = 0.0  # e.g. a checkpoint whose mask also zeroes q
+    hf = weights.official_to_hf(model.state_dict())
+    assert torch.equal(hf["model.layer.0.attention.q_proj.bias"], torch.zeros(64))
+    assert "model.layer.0.attention.k_proj.bias" not in hf
+    back = weights.load_backbone(weights.hf_to_official(hf), num_heads=4)
+    x = torch.randn(1, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
