@@ -312,7 +312,7 @@ def dinov3_vit7b16(*, weights=None, device=None, **kw):
 
 
 def dinov3_vittiny16(*, weights=None, device=None, **kw):
-    """The tiny model of the notebooks: D=192, 6 blocks, 3 heads, 4 storage tokens (~2.7M parameters)."""
+    """The tiny model of the notebooks: D=192, 6 blocks, 3 heads, 4 storage tokens (2,820,672 parameters)."""
     return build("dinov3_vittiny16", weights=weights, device=device, **kw)
 
 
