@@ -172,8 +172,8 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
 
     The iteration, literally: Q = exp(t / τ).T (K × B); Q /= ΣQ; n_iterations × { Q /= row sums;
     Q /= K; Q /= column sums; Q /= B }; Q *= B; return Q.T. Like the official code there is no
-    max-subtraction, so logits / τ above ~88 overflow fp32 (DINOHead logits are bounded by the norms
-    of the prototype vectors, so this does not happen in practice).
+    max-subtraction in fp32, so logits / τ above ~88 overflow; ours subtracts the global max and
+    iterates in float64, which gives the same numbers without that limit.
     """
     _check_positive("teacher_temp", teacher_temp)
     if not isinstance(n_iterations, int) or n_iterations < 0:
@@ -181,8 +181,12 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     if not isinstance(teacher_logits, Tensor) or teacher_logits.ndim < 2:
         raise ValueError("teacher_logits must be a tensor of shape (B, K) or (..., K)")
     shape = teacher_logits.shape
-    t = teacher_logits.detach().float().reshape(-1, shape[-1])
-    Q = torch.exp(t / teacher_temp).t()  # K x B
+    t = teacher_logits.detach().double().reshape(-1, shape[-1])
+    # Two changes from the official fp32 code, neither of which changes the result: float64, and the
+    # global max subtracted before exp (Q /= ΣQ below removes any global factor). A cold teacher
+    # (logits / τ of 100 and more) would otherwise overflow or underflow fp32.
+    t = t / teacher_temp
+    Q = torch.exp(t - t.max()).t()  # K x B
     K, B = Q.shape
     Q /= Q.sum()
     for _ in range(n_iterations):
@@ -191,7 +195,7 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
         Q /= Q.sum(dim=0, keepdim=True)  # each sample gets total mass 1/B
         Q /= B
     Q *= B  # columns (samples) sum to 1
-    return Q.t().reshape(shape)
+    return Q.t().float().reshape(shape)
 
 
 def softmax_center_teacher(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:

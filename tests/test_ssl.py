@@ -521,3 +521,14 @@ def test_multicrop_bad_inputs():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         aug(torch.randn(2, 3, 32, 32) * 3)
     assert aug((torch.rand(1, 3, 32, 32) * 255).to(torch.uint8), generator=_gen(0))["global_crops"].shape == (2, 3, 16, 16)
+
+
+def test_sinkhorn_knopp_cold_teacher_does_not_overflow():
+    from dinolab.ssl import sinkhorn_knopp
+
+    logits = torch.tensor([[1.0, -1.0, 0.5], [-0.9, 0.95, 0.2]])
+    p = sinkhorn_knopp(logits, 0.005)  # logits / τ = 200: exp overflows float32 without the shift
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(1), torch.ones(2))
+    ref = sinkhorn_knopp(logits * 200, 1.0)  # the same logits / τ
+    torch.testing.assert_close(p, ref)

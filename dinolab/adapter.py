@@ -1,0 +1,656 @@
+"""The DINOv3 segmentation adapter (``dinov3/eval/segmentation/models/backbone/dinov3_adapter.py``).
+
+A plain ViT gives one feature map, at stride 16. Dense heads such as Mask2Former want a pyramid at strides
+4/8/16/32. The adapter (after ViT-Adapter, Chen et al. 2023) builds one from two sources:
+
+* a small **conv stem**, the Spatial Prior Module (SPM), which sees the image at full resolution and gives
+  c1..c4 at strides 4/8/16/32 — local detail the ViT's 16×16 patches never had;
+* the **frozen ViT**, read at four blocks (``interaction_indexes``) with ``get_intermediate_layers``.
+
+Four ``InteractionBlockWithCls`` blocks let the SPM tokens (strides 8/16/32, concatenated) *read* the ViT's
+stride-16 tokens with multi-scale deformable attention (the **extractor**). The original ViT-Adapter also
+*writes* back into the ViT between its blocks (the **injector**); DINOv3's official adapter does not — the
+backbone is frozen and run once, under ``no_grad``. ``use_injector=True`` builds the original variant for
+comparison (notebook 08; see :class:`DINOv3Adapter`).
+
+Shapes for the seed's setting — B=4, 512×512, ViT-L (D=1024, blocks [4, 11, 17, 23]); token grid 32×32::
+
+    SPM     c1 [4,1024,128,128] (map), c2 [4,4096,1024], c3 [4,1024,1024], c4 [4,256,1024] (tokens)
+    ViT     4 × (patch tokens [4,1024,1024], cls [4,1024])
+    c       cat(c2, c3, c4) = [4,5376,1024]    (the extractor's queries)
+    out     f1 [4,1024,128,128], f2 [4,1024,64,64], f3 [4,1024,32,32], f4 [4,1024,16,16]
+
+Module and parameter names are the official ones (``spm.stem.0.weight``, ``interactions.3.extra_extractors.1
+.attn.value_proj.weight``, ``norm1.running_mean``, ...), so the official adapter state dict — the backbone's
+keys prefixed ``backbone.`` — loads with ``strict=True``. ``SyncBatchNorm`` is replaced by ``nn.BatchNorm2d``
+(same keys, same single-process behaviour).
+
+Differences from the official file, all outside the state dict (documented where they happen):
+
+* inputs whose sides are not multiples of 32 (and of the patch size), or with the wrong channel count, raise
+  a ``ValueError`` (the official code then mis-splits or mis-reshapes tokens, or fails deep inside a view);
+* the official ``MSDeformAttn`` broadcasts ``[1, Lq, 1, 2]`` reference points over the batch (and levels);
+  :mod:`dinolab.msdeform` wants ``[B, Lq, L, 2]``, so the adapter expands them first (a view, no copy);
+* the backbone outputs are cast to the SPM's dtype (a no-op on CPU / fp32; the official code relies on an
+  outer bf16 autocast on CUDA);
+* with the backbone frozen, ``adapter.train()`` leaves the backbone in eval mode (the hub ViTs have a
+  training-only RoPE rescale augmentation, which a frozen feature extractor should not apply);
+* on the meta device, ``deform_inputs`` keeps spatial shapes on the CPU (they must be read as numbers).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import Tensor, nn
+
+from .msdeform import MSDeformAttn
+
+__all__ = [
+    "drop_path", "DropPath", "get_reference_points", "deform_inputs", "DWConv", "ConvFFN", "Extractor", "Injector",
+    "InteractionBlockWithCls", "SpatialPriorModule", "DINOv3Adapter", "DINOv3_Adapter",
+]
+
+_LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tensor:
+    """Classic per-sample stochastic depth: zero the branch for a random subset of samples, rescale the rest."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    if keep_prob > 0.0:
+        mask.div_(keep_prob)
+    return x * mask
+
+
+class DropPath(nn.Module):
+    """Module form of :func:`drop_path` (the adapter's own, not the ViT's batch-subset variant)."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+def get_reference_points(spatial_shapes: Sequence[tuple[int, int]], device=None) -> Tensor:
+    """Pixel centres of every level, normalised to [0, 1], as (x, y): ``[1, ΣHW, 1, 2]``.
+
+    Level by level, row-major (y outer) — the order of flattened feature maps. Pixel ``i`` of a side of
+    length ``n`` sits at ``(i + 0.5) / n``. The trailing singleton is the level axis of MSDeformAttn's
+    ``reference_points`` (one point, shared by all levels, as the official code does).
+    At 512×512 for the SPM levels: ``[1, 64·64 + 32·32 + 16·16, 1, 2] = [1, 5376, 1, 2]``.
+    """
+    refs = []
+    for h, w in spatial_shapes:
+        h, w = int(h), int(w)
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            indexing="ij",
+        )
+        refs.append(torch.stack((ref_x.reshape(-1) / w, ref_y.reshape(-1) / h), -1)[None])
+    return torch.cat(refs, 1)[:, :, None]
+
+
+def _shapes_and_starts(shapes: list[tuple[int, int]], device) -> tuple[Tensor, Tensor]:
+    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+    level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+    return spatial_shapes, level_start_index
+
+
+def deform_inputs(x: Tensor, patch_size: int = 16) -> tuple[list[Tensor], list[Tensor]]:
+    """The two sets of MSDeformAttn inputs the adapter uses, each ``[reference_points, spatial_shapes,
+    level_start_index]``, for an image ``x`` [B, C, H, W].
+
+    * ``deform_inputs1`` — for the **injector** (ViT tokens read the SPM): queries are the ViT's patch tokens
+      (reference points on the H/p × W/p grid, ``[1, HW/p², 1, 2]``), values are the three SPM levels
+      ``[(H/8, W/8), (H/16, W/16), (H/32, W/32)]``, start indices ``[0, HW/64, HW/64 + HW/256]``.
+    * ``deform_inputs2`` — for the **extractor** (SPM tokens read the ViT): queries are the SPM tokens of the
+      three levels (``[1, 21·HW/1024, 1, 2]``), the value is the one ViT map ``[(H/p, W/p)]``, start ``[0]``.
+
+    At 512×512, p=16: ``deform_inputs1`` = ([1,1024,1,2], [[64,64],[32,32],[16,16]], [0,4096,5120]);
+    ``deform_inputs2`` = ([1,5376,1,2], [[32,32]], [0]).
+    On the meta device the shapes and start indices stay on the CPU (MSDeformAttn must read their values).
+    """
+    _, _, h, w = x.shape
+    device = x.device
+    shape_device = torch.device("cpu") if device.type == "meta" else device
+    spm_levels = [(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)]
+    vit_level = [(h // patch_size, w // patch_size)]
+
+    spatial_shapes, level_start_index = _shapes_and_starts(spm_levels, shape_device)
+    deform_inputs1 = [get_reference_points(vit_level, device), spatial_shapes, level_start_index]
+
+    spatial_shapes, level_start_index = _shapes_and_starts(vit_level, shape_device)
+    deform_inputs2 = [get_reference_points(spm_levels, device), spatial_shapes, level_start_index]
+    return deform_inputs1, deform_inputs2
+
+
+def _expand_reference_points(reference_points: Tensor, batch: int, n_levels: int) -> Tensor:
+    """Official reference points are [1, Lq, 1, 2] and broadcast inside the official MSDeformAttn;
+    dinolab's MSDeformAttn wants [B, Lq, L, 2]: expand (a view)."""
+    return reference_points.expand(batch, reference_points.shape[1], n_levels, reference_points.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ConvFFN, Extractor, Injector, InteractionBlockWithCls
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DWConv(nn.Module):
+    """Depthwise 3×3 conv over the three SPM levels, each convolved as its own map (shared weights).
+
+    ``forward(x [B, N, C], H, W)`` with ``H, W`` the stride-16 grid size (H/16 × W/16 of the image):
+    the tokens are split into the three levels (2H × 2W, H × W, H/2 × W/2), each reshaped to a map,
+    convolved, and flattened back. At 512×512 with ConvFFN hidden 256: x [4,5376,256] → split
+    4096/1024/256 → maps [4,256,64,64], [4,256,32,32], [4,256,16,16] → [4,5376,256].
+    (The official code splits N as 16n / 4n / n with n = N // 21, which is the same for even H, W.)
+    """
+
+    def __init__(self, dim: int = 768) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        B, N, C = x.shape
+        shapes = [(2 * H, 2 * W), (H, W), (H // 2, W // 2)]
+        sizes = [h * w for h, w in shapes]
+        if sum(sizes) != N:
+            raise ValueError(
+                f"DWConv expects the three SPM levels {shapes} = {sum(sizes)} tokens for H, W = {H}, {W}, got N = {N}"
+            )
+        out = []
+        for part, (h, w) in zip(x.split(sizes, dim=1), shapes):
+            part = part.transpose(1, 2).reshape(B, C, h, w)
+            out.append(self.dwconv(part).flatten(2).transpose(1, 2))
+        return torch.cat(out, dim=1)
+
+
+class ConvFFN(nn.Module):
+    """fc1 → DWConv (per level) → GELU → dropout → fc2 → dropout. ``forward(x [B, N, C], H, W)``.
+
+    In the adapter: ``ConvFFN(D, hidden_features=int(D * cffn_ratio))``, e.g. 1024 → 256 → 1024 for ViT-L.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0) -> None:
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = DWConv(hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        x = self.fc1(x)
+        x = self.dwconv(x, H, W)
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+class Extractor(nn.Module):
+    """SPM tokens read the ViT: ``c = c + MSDeformAttn(query_norm(c), ref, feat_norm(x))``, then
+    ``c = c + drop_path(ConvFFN(ffn_norm(c), H, W))``.
+
+    ``forward(query, reference_points, feat, spatial_shapes, level_start_index, H, W)``:
+    query = SPM tokens [B, Nc, D] (5376 at 512²), feat = ViT patch tokens [B, HW/256, D] (1024 at 512²),
+    reference_points = ``deform_inputs2[0]`` [1, Nc, 1, 2], one level ``[(H/16, W/16)]``; returns [B, Nc, D].
+    With ``with_cp`` the whole step is gradient-checkpointed when the query requires grad.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 6, n_points: int = 4, n_levels: int = 1, deform_ratio: float = 1.0,
+                 with_cffn: bool = True, cffn_ratio: float = 0.25, drop: float = 0.0, drop_path: float = 0.0,
+                 norm_layer=_LayerNorm, with_cp: bool = False) -> None:
+        super().__init__()
+        self.query_norm = norm_layer(dim)
+        self.feat_norm = norm_layer(dim)
+        self.attn = MSDeformAttn(d_model=dim, n_levels=n_levels, n_heads=num_heads, n_points=n_points,
+                                 ratio=deform_ratio)
+        self.with_cffn = with_cffn
+        self.with_cp = with_cp
+        if with_cffn:
+            self.ffn = ConvFFN(in_features=dim, hidden_features=int(dim * cffn_ratio), drop=drop)
+            self.ffn_norm = norm_layer(dim)
+            self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, query: Tensor, reference_points: Tensor, feat: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, H: int, W: int) -> Tensor:
+        ref = _expand_reference_points(reference_points, query.shape[0], self.attn.n_levels)
+
+        def _inner_forward(query: Tensor, feat: Tensor) -> Tensor:
+            attn = self.attn(self.query_norm(query), ref, self.feat_norm(feat), spatial_shapes, level_start_index,
+                             None)
+            query = query + attn
+            if self.with_cffn:
+                query = query + self.drop_path(self.ffn(self.ffn_norm(query), H, W))
+            return query
+
+        if self.with_cp and query.requires_grad:
+            return cp.checkpoint(_inner_forward, query, feat, use_reentrant=False)
+        return _inner_forward(query, feat)
+
+
+class Injector(nn.Module):
+    """ViT tokens read the SPM (original ViT-Adapter only): ``x = x + gamma * MSDeformAttn(query_norm(x), ref,
+    feat_norm(c))`` with a LayerScale ``gamma`` initialised to ``init_values`` (0 ⇒ starts as the identity).
+
+    ``forward(query, reference_points, feat, spatial_shapes, level_start_index)``: query = ViT patch tokens
+    [B, HW/256, D], feat = SPM tokens [B, Nc, D] over three levels, reference_points = ``deform_inputs1[0]``.
+    Not used by DINOv3 (its backbone is frozen and run once); see :class:`DINOv3Adapter`.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 6, n_points: int = 4, n_levels: int = 3, deform_ratio: float = 1.0,
+                 norm_layer=_LayerNorm, init_values: float = 0.0, with_cp: bool = False) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.query_norm = norm_layer(dim)
+        self.feat_norm = norm_layer(dim)
+        self.attn = MSDeformAttn(d_model=dim, n_levels=n_levels, n_heads=num_heads, n_points=n_points,
+                                 ratio=deform_ratio)
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, query: Tensor, reference_points: Tensor, feat: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor) -> Tensor:
+        ref = _expand_reference_points(reference_points, query.shape[0], self.attn.n_levels)
+
+        def _inner_forward(query: Tensor, feat: Tensor) -> Tensor:
+            attn = self.attn(self.query_norm(query), ref, self.feat_norm(feat), spatial_shapes, level_start_index,
+                             None)
+            return query + self.gamma * attn
+
+        if self.with_cp and query.requires_grad:
+            return cp.checkpoint(_inner_forward, query, feat, use_reentrant=False)
+        return _inner_forward(query, feat)
+
+
+class InteractionBlockWithCls(nn.Module):
+    """The official DINOv3 interaction block: an extractor (plus two ``extra_extractors`` in the last block).
+
+    ``forward(x, c, cls, deform_inputs1, deform_inputs2, H_c, W_c, H_toks, W_toks) -> (x, c, cls)``:
+    x = ViT patch tokens [B, HW/256, D] and cls [B, D] pass through unchanged (the official block takes the
+    cls token only to return it); c = SPM tokens [B, Nc, D] is updated by the extractor(s), which read x at
+    ``deform_inputs2``. ``deform_inputs1``, ``H_toks``, ``W_toks`` and ``init_values`` are accepted, as in
+    the official signature, and unused.
+
+    ``with_injector=True`` (not official) also builds ``self.injector`` (:class:`Injector`, ``init_values`` as
+    its gamma); :class:`DINOv3Adapter` calls it itself *before* running the ViT blocks of this interaction.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 6, n_points: int = 4, norm_layer=_LayerNorm, drop: float = 0.0,
+                 drop_path: float = 0.0, with_cffn: bool = True, cffn_ratio: float = 0.25, init_values: float = 0.0,
+                 deform_ratio: float = 1.0, extra_extractor: bool = False, with_cp: bool = False,
+                 with_injector: bool = False) -> None:
+        super().__init__()
+        if with_injector:
+            self.injector = Injector(dim=dim, n_levels=3, num_heads=num_heads, n_points=n_points,
+                                     norm_layer=norm_layer, deform_ratio=deform_ratio, init_values=init_values,
+                                     with_cp=with_cp)
+        else:
+            self.injector = None
+        kw = dict(dim=dim, num_heads=num_heads, n_points=n_points, norm_layer=norm_layer, deform_ratio=deform_ratio,
+                  with_cffn=with_cffn, cffn_ratio=cffn_ratio, drop=drop, drop_path=drop_path, with_cp=with_cp)
+        self.extractor = Extractor(n_levels=1, **kw)
+        if extra_extractor:
+            self.extra_extractors = nn.Sequential(*[Extractor(**kw) for _ in range(2)])
+        else:
+            self.extra_extractors = None
+
+    def forward(self, x: Tensor, c: Tensor, cls: Tensor, deform_inputs1, deform_inputs2, H_c: int, W_c: int,
+                H_toks: int, W_toks: int) -> tuple[Tensor, Tensor, Tensor]:
+        ref, shapes, starts = deform_inputs2
+        c = self.extractor(query=c, reference_points=ref, feat=x, spatial_shapes=shapes, level_start_index=starts,
+                           H=H_c, W=W_c)
+        if self.extra_extractors is not None:
+            for extractor in self.extra_extractors:
+                c = extractor(query=c, reference_points=ref, feat=x, spatial_shapes=shapes,
+                              level_start_index=starts, H=H_c, W=W_c)
+        return x, c, cls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spatial Prior Module
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+class SpatialPriorModule(nn.Module):
+    """A ResNet-like conv stem giving the adapter's local detail at strides 4/8/16/32.
+
+    ``stem``: conv3×3 s2 (in_chans→64) → conv3×3 → conv3×3 → maxpool3×3 s2 (each conv + BN + ReLU, no bias),
+    ``conv2``/``conv3``/``conv4``: conv3×3 s2 to 128 / 256 / 256 channels (``inplanes`` = 64 → ×2, ×4, ×4),
+    ``fc1``..``fc4``: 1×1 convs (with bias) to ``embed_dim``.
+
+    ``forward(x [B, in_chans, H, W]) -> (c1, c2, c3, c4)``: c1 stays a map [B, D, H/4, W/4]; c2, c3, c4 are
+    flattened to tokens [B, HW/64, D], [B, HW/256, D], [B, HW/1024, D]. For B=4, 512×512, D=1024:
+    c1 [4,1024,128,128], c2 [4,4096,1024], c3 [4,1024,1024], c4 [4,256,1024].
+
+    ``in_chans`` (not an official argument; default 3 as there) allows e.g. RGB-D input; it changes only the
+    shape of ``stem.0.weight``. ``with_cp`` checkpoints the whole stem when the input requires grad (as the
+    official; the adapter builds it with ``with_cp=False``).
+    """
+
+    def __init__(self, inplanes: int = 64, embed_dim: int = 384, with_cp: bool = False, in_chans: int = 3) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.stem = nn.Sequential(
+            *_conv_bn_relu(in_chans, inplanes, 2),
+            *_conv_bn_relu(inplanes, inplanes, 1),
+            *_conv_bn_relu(inplanes, inplanes, 1),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        self.conv2 = nn.Sequential(*_conv_bn_relu(inplanes, 2 * inplanes, 2))
+        self.conv3 = nn.Sequential(*_conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
+        self.conv4 = nn.Sequential(*_conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
+        self.fc1 = nn.Conv2d(inplanes, embed_dim, kernel_size=1, stride=1, padding=0, bias=True)
+        self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, kernel_size=1, stride=1, padding=0, bias=True)
+        self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, kernel_size=1, stride=1, padding=0, bias=True)
+        self.fc4 = nn.Conv2d(4 * inplanes, embed_dim, kernel_size=1, stride=1, padding=0, bias=True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        in_chans = self.stem[0].in_channels
+        if x.dim() != 4 or x.shape[1] != in_chans:
+            raise ValueError(f"SpatialPriorModule expects images [B, {in_chans}, H, W], got {tuple(x.shape)}")
+
+        def _inner_forward(x: Tensor):
+            c1 = self.stem(x)
+            c2 = self.conv2(c1)
+            c3 = self.conv3(c2)
+            c4 = self.conv4(c3)
+            c1, c2, c3, c4 = self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(c4)
+            bs, dim = c1.shape[:2]
+            c2 = c2.view(bs, dim, -1).transpose(1, 2)  # stride 8
+            c3 = c3.view(bs, dim, -1).transpose(1, 2)  # stride 16
+            c4 = c4.view(bs, dim, -1).transpose(1, 2)  # stride 32
+            return c1, c2, c3, c4
+
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        return _inner_forward(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DINOv3Adapter(nn.Module):
+    """DINOv3's dense-prediction adapter: frozen ViT + SPM + extractor-only interactions → 4-level pyramid.
+
+    Args (official names and defaults):
+        backbone: a :class:`dinolab.vit.DinoVisionTransformer` (or anything with ``embed_dim``, ``patch_size``
+            and ``get_intermediate_layers``). Frozen here (``requires_grad_(False)``).
+        interaction_indexes: the 0-based ViT blocks read by the 4 interaction blocks (official default
+            ``[9, 19, 29, 39]``, for the 40-block 7B; ViT-L uses ``[4, 11, 17, 23]``). Strictly increasing.
+        pretrain_size: kept as ``self.pretrain_size`` (only the official's unused ``_get_pos_embed`` reads it).
+        conv_inplane: SPM width (64). ``conv_inplanes=`` is accepted as an alias.
+        n_points, deform_num_heads, deform_ratio: the extractors' MSDeformAttn (4 points, 16 heads, value
+            width D·0.5). ``int(D * deform_ratio)`` must be divisible by ``deform_num_heads``.
+        drop_path_rate: DropPath of every extractor's ConvFFN branch (the same 0.3 everywhere).
+        init_values: unused by the official block; the injectors' gamma init here (``use_injector=True``).
+        with_cffn, cffn_ratio: the extractors' ConvFFN (hidden ``int(D * 0.25)``).
+        add_vit_feature: add the 4 ViT maps, bilinearly resized to strides 4/8/16/32, to c1..c4.
+        use_extra_extractor: two more extractors in the last interaction block.
+        with_cp: gradient checkpointing of the extractors (when training).
+
+    Extra (not official, no effect on the default state dict):
+        use_injector: build the original ViT-Adapter's injectors (keys ``interactions.{i}.injector.*``). The
+            backbone is then *not* run once under ``no_grad``: each injector rewrites the ViT's patch tokens
+            before the blocks of its interaction, so the adapter runs the ViT itself in chunks —
+            blocks ``[0, i0]``, ``(i0, i1]``, ... — with autograd on (the gradient of the injectors flows
+            back through the frozen blocks), and reads the final-normed tokens after each chunk exactly as
+            ``get_intermediate_layers(norm=True)`` would. The cls and storage tokens are not injected (the
+            original injects patch tokens only). With ``init_values=0`` (gamma = 0) it starts out equal to
+            the extractor-only adapter. Costs the ViT's activations in memory, which DINOv3 avoids.
+        freeze_backbone: ``True`` (official): ``requires_grad_(False)`` and the backbone stays in eval mode when
+            the adapter trains. ``False`` leaves it trainable (meaningful with ``use_injector=True``; without
+            injectors the official forward runs the backbone under ``no_grad`` anyway).
+        device: build the adapter's own parameters on this device (e.g. ``"meta"`` for shape tables).
+
+    ``forward(x [B, C, H, W]) -> {"1": f1, "2": f2, "3": f3, "4": f4}``, all with D channels, at strides
+    4/8/16/32. H and W must be multiples of 32 (and of the patch size); C must match the SPM and the backbone.
+    For B=4, 512×512, ViT-L: f1 [4,1024,128,128], f2 [4,1024,64,64], f3 [4,1024,32,32], f4 [4,1024,16,16].
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        interaction_indexes: Sequence[int] = (9, 19, 29, 39),
+        pretrain_size: int = 512,
+        conv_inplane: int = 64,
+        n_points: int = 4,
+        deform_num_heads: int = 16,
+        drop_path_rate: float = 0.3,
+        init_values: float = 0.0,
+        with_cffn: bool = True,
+        cffn_ratio: float = 0.25,
+        deform_ratio: float = 0.5,
+        add_vit_feature: bool = True,
+        use_extra_extractor: bool = True,
+        with_cp: bool = True,
+        *,
+        use_injector: bool = False,
+        freeze_backbone: bool = True,
+        conv_inplanes: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if conv_inplanes is not None:
+            if conv_inplane != 64 and conv_inplane != conv_inplanes:
+                raise ValueError(f"conv_inplane={conv_inplane} and its alias conv_inplanes={conv_inplanes} disagree")
+            conv_inplane = conv_inplanes
+        indexes = [int(i) for i in interaction_indexes]
+        depth = len(backbone.blocks) if hasattr(backbone, "blocks") else None
+        if not indexes:
+            raise ValueError("interaction_indexes is empty")
+        if any(b <= a for a, b in zip(indexes, indexes[1:])):
+            raise ValueError(f"interaction_indexes must be strictly increasing, got {indexes}")
+        if indexes[0] < 0 or (depth is not None and indexes[-1] >= depth):
+            raise ValueError(f"interaction_indexes {indexes} out of range for a {depth}-block backbone")
+        if add_vit_feature and len(indexes) != 4:
+            raise ValueError(f"add_vit_feature adds 4 ViT maps to c1..c4: need 4 interaction_indexes, got {indexes}")
+
+        self.backbone = backbone
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)  # Important: the backbone is frozen (official)
+        self.pretrain_size = (pretrain_size, pretrain_size)
+        self.interaction_indexes = indexes
+        self.add_vit_feature = add_vit_feature
+        self.use_injector = use_injector
+        embed_dim = backbone.embed_dim
+        self.patch_size = backbone.patch_size
+        in_chans = _backbone_in_chans(backbone)
+        self.in_chans = in_chans if in_chans is not None else 3
+
+        with torch.device(device) if device is not None else _nullcontext():
+            self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
+            self.spm = SpatialPriorModule(inplanes=conv_inplane, embed_dim=embed_dim, with_cp=False,
+                                          in_chans=self.in_chans)
+            n = len(indexes)
+            self.interactions = nn.Sequential(*[
+                InteractionBlockWithCls(
+                    dim=embed_dim, num_heads=deform_num_heads, n_points=n_points, init_values=init_values,
+                    drop_path=drop_path_rate, norm_layer=_LayerNorm, with_cffn=with_cffn, cffn_ratio=cffn_ratio,
+                    deform_ratio=deform_ratio, extra_extractor=(i == n - 1) and use_extra_extractor,
+                    with_cp=with_cp, with_injector=use_injector,
+                )
+                for i in range(n)
+            ])
+            self.up = nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2)
+            self.norm1 = nn.BatchNorm2d(embed_dim)
+            self.norm2 = nn.BatchNorm2d(embed_dim)
+            self.norm3 = nn.BatchNorm2d(embed_dim)
+            self.norm4 = nn.BatchNorm2d(embed_dim)
+
+            self.up.apply(self._init_weights)
+            self.spm.apply(self._init_weights)
+            self.interactions.apply(self._init_weights)
+            self.apply(self._init_deform_weights)
+            nn.init.normal_(self.level_embed)
+        if freeze_backbone:
+            self.backbone.eval()
+
+    # ------------------------------------------------------------------ init (official)
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _init_deform_weights(m: nn.Module) -> None:
+        if isinstance(m, MSDeformAttn):
+            m._reset_parameters()
+
+    def train(self, mode: bool = True) -> "DINOv3Adapter":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # a frozen feature extractor: no training-time RoPE augmentation
+        return self
+
+    def _add_level_embed(self, c2: Tensor, c3: Tensor, c4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]
+
+    # ------------------------------------------------------------------ checks
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"DINOv3Adapter expects images [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"DINOv3Adapter expects {self.in_chans} input channels, got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)})")
+        H, W = x.shape[-2:]
+        m = math.lcm(32, int(self.patch_size))
+        if H % m or W % m:
+            raise ValueError(
+                f"DINOv3Adapter needs H and W divisible by {m} (SPM stride 32, patch size {self.patch_size}); "
+                f"got {H}x{W}. Resize or pad to e.g. {math.ceil(H / m) * m}x{math.ceil(W / m) * m}."
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        self._check_input(x)
+        deform_inputs1, deform_inputs2 = deform_inputs(x, self.patch_size)
+
+        # SPM: c1 [B,D,H/4,W/4]; c2, c3, c4 tokens at strides 8/16/32, tagged by level, concatenated.
+        c1, c2, c3, c4 = self.spm(x)
+        c2, c3, c4 = self._add_level_embed(c2, c3, c4)
+        c = torch.cat([c2, c3, c4], dim=1)  # [B, 21·HW/1024, D]
+
+        H_c, W_c = x.shape[2] // 16, x.shape[3] // 16
+        H_toks, W_toks = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        bs = x.shape[0]
+
+        if self.use_injector:
+            outs, c = self._forward_with_injector(x, c, deform_inputs1, deform_inputs2, H_c, W_c, H_toks, W_toks)
+        else:
+            # The frozen ViT, once: 4 × (patch tokens [B, HW/p², D], cls [B, D]), final norm applied.
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                with torch.no_grad():
+                    all_layers = self.backbone.get_intermediate_layers(
+                        x, n=self.interaction_indexes, return_class_token=True
+                    )
+            outs = []
+            for i, layer in enumerate(self.interactions):
+                x_i, cls_i = (t.to(c.dtype) for t in all_layers[i])
+                _, c, _ = layer(x_i, c, cls_i, deform_inputs1, deform_inputs2, H_c, W_c, H_toks, W_toks)
+                outs.append(x_i.transpose(1, 2).reshape(bs, -1, H_toks, W_toks))  # [B, D, H/p, W/p]
+
+        # Split c back into the three levels and reshape to maps.
+        n2, n3 = c2.shape[1], c3.shape[1]
+        dim = c.shape[-1]
+        c2 = c[:, :n2].transpose(1, 2).reshape(bs, dim, H_c * 2, W_c * 2)
+        c3 = c[:, n2:n2 + n3].transpose(1, 2).reshape(bs, dim, H_c, W_c)
+        c4 = c[:, n2 + n3:].transpose(1, 2).reshape(bs, dim, H_c // 2, W_c // 2)
+        c1 = self.up(c2) + c1
+
+        if self.add_vit_feature:
+            x1, x2, x3, x4 = outs
+            x1 = F.interpolate(x1, size=(4 * H_c, 4 * W_c), mode="bilinear", align_corners=False)
+            x2 = F.interpolate(x2, size=(2 * H_c, 2 * W_c), mode="bilinear", align_corners=False)
+            x3 = F.interpolate(x3, size=(H_c, W_c), mode="bilinear", align_corners=False)
+            x4 = F.interpolate(x4, size=(H_c // 2, W_c // 2), mode="bilinear", align_corners=False)
+            c1, c2, c3, c4 = c1 + x1, c2 + x2, c3 + x3, c4 + x4
+
+        return {"1": self.norm1(c1), "2": self.norm2(c2), "3": self.norm3(c3), "4": self.norm4(c4)}
+
+    def _forward_with_injector(self, x, c, deform_inputs1, deform_inputs2, H_c, W_c, H_toks, W_toks):
+        """The original ViT-Adapter flow: before the ViT blocks of interaction i, the injector writes the SPM
+        into the patch tokens; after them, the extractor reads the (final-normed) patch tokens."""
+        bb = self.backbone
+        tokens, (h, w) = bb.prepare_tokens_with_masks(x)
+        p = 1 + int(getattr(bb, "n_storage_tokens", 0))
+        bs = x.shape[0]
+        outs, start = [], 0
+        for layer, idx in zip(self.interactions, self.interaction_indexes):
+            ref, shapes, starts = deform_inputs1
+            patches = layer.injector(query=tokens[:, p:], reference_points=ref, feat=c, spatial_shapes=shapes,
+                                     level_start_index=starts)
+            tokens = torch.cat([tokens[:, :p], patches], dim=1)
+            for blk in bb.blocks[start:idx + 1]:
+                tokens = blk(tokens, _rope(bb, h, w))
+            start = idx + 1
+            normed = _final_norm(bb, tokens)
+            x_i, cls_i = normed[:, p:], normed[:, 0]
+            _, c, _ = layer(x_i, c, cls_i, deform_inputs1, deform_inputs2, H_c, W_c, H_toks, W_toks)
+            outs.append(x_i.transpose(1, 2).reshape(bs, -1, H_toks, W_toks))
+        return outs, c
+
+
+DINOv3_Adapter = DINOv3Adapter  # the official class name
+
+
+def _backbone_in_chans(backbone: nn.Module) -> int | None:
+    proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+    return getattr(proj, "in_channels", None)
+
+
+def _rope(bb: nn.Module, h: int, w: int):
+    if hasattr(bb, "_rope"):  # dinolab's ViT (caches in eval, fresh per block in training)
+        return bb._rope(h, w)
+    return bb.rope_embed(H=h, W=w) if getattr(bb, "rope_embed", None) is not None else None
+
+
+def _final_norm(bb: nn.Module, tokens: Tensor) -> Tensor:
+    """The final norm as ``get_intermediate_layers(norm=True)`` applies it."""
+    if hasattr(bb, "_split_norm"):
+        return torch.cat(bb._split_norm(tokens), dim=1)
+    return bb.norm(tokens)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

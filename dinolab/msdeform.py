@@ -1,0 +1,455 @@
+"""Multi-scale deformable attention (MSDeformAttn), as used by the DINOv3 adapter and Mask2Former pixel decoder.
+
+Dense attention lets every query look at every key: with ``Lq`` queries over a feature pyramid of
+``ΣHW = Σ_l H_l·W_l`` positions, that costs ``O(Lq · ΣHW · d)`` — quadratic in the number of pixels when the
+queries are the pixels themselves (5376² pairs for a 64²+32²+16² pyramid).
+
+Deformable attention (Zhu et al., "Deformable DETR", 2021) instead lets each query, in each head, look at only
+``P`` points per pyramid level (``P = 4`` by default):
+
+* from its own features the query *predicts* ``P`` 2-d offsets per (head, level) (``sampling_offsets``) and
+  ``L·P`` attention logits per head (``attention_weights``, softmaxed jointly over levels and points);
+* the offsets are added to the query's *reference point* (e.g. its own pixel centre), measured in pixels of each
+  level, giving ``sampling_locations`` in normalised [0, 1] image coordinates;
+* the head's value map is read at those (fractional) locations with bilinear interpolation and the samples are
+  averaged with the attention weights.
+
+So the cost is ``O(Lq · heads · L · P · d_head) = O(Lq · L · P · d)``: linear in the number of queries and
+independent of the feature-map size. Nothing here is a dot-product attention: the "attention weights" come from a
+linear layer on the query, not from query-key similarity.
+
+Conventions (identical to the official ``ms_deform_attn_core_pytorch`` / ``F.grid_sample`` with
+``align_corners=False, padding_mode="zeros"``):
+
+* ``spatial_shapes`` rows are ``(H, W)``; ``sampling_locations[..., 0]`` is x (width), ``[..., 1]`` is y;
+* location (0, 0) is the top-left *corner* of the map and (1, 1) the bottom-right corner; pixel ``i`` has its
+  centre at ``(i + 0.5) / W``;
+* samples that fall (partly) outside the map read zeros there.
+
+The official DINOv3 code (``dinov3/eval/segmentation/models/utils/ms_deform_attn.py``) runs this forward in pure
+PyTorch but needs a compiled CUDA op for the *backward*. :func:`ms_deform_attn` here is pure PyTorch for both
+directions, so the adapter and pixel decoder train on a CPU. It is also faster than the ``grid_sample`` reference
+on CPU (about 3× on the benchmark in ``tests/benchmarks/msdeform_speed.py``); the comment block above
+``_MSDeformAttnFunction`` explains how.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ms_deform_attn", "MSDeformAttn"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The core
+# ---------------------------------------------------------------------------------------------------------------
+#
+# How the reference does it (official ``ms_deform_attn_core_pytorch`` = transformers' ``MultiScaleDeformableAttention``):
+# per level, ``F.grid_sample`` the [B·heads, d, H, W] value map at [B·heads, Lq, P] points, giving a
+# [B·heads, d, Lq, P] tensor of samples; stack the levels, multiply by the attention weights, sum. The backward
+# is ``grid_sampler_2d_backward`` per level plus the backward of the big stack/multiply/sum.
+#
+# What we do instead. For one (batch b, query q, head h) — one output row n — bilinear sampling followed by the
+# attention-weighted sum reads L levels × P points × 4 bilinear corners = K rows of the value table, each
+# scaled by (attention weight × bilinear corner weight):
+#
+#     out[n] = Σ_k  weight[n, k] · table[index[n, k]]          (table row = (b, position, h), d floats)
+#
+# That is exactly ``F.embedding_bag(index, table, mode="sum", per_sample_weights=weight)``: one fused,
+# multi-threaded C++ kernel that reads each d-float value row once and writes only the [B·Lq·heads, d] output —
+# no [B·heads, d, Lq, L·P] intermediate, no stack. The other tricks:
+#
+# 1. No permute of ``value``: [B, ΣHW, heads, d] viewed as a [B·ΣHW·heads, d] table already has one row per
+#    (b, position, h), and output rows ordered (b, q, h) are already the [B, Lq, heads·d] result.
+# 2. Zero padding by *real* zeros: every level gets a 2-pixel zero border. A point whose top-left corner is at
+#    x0 ∈ [-1, W-1] then reads its out-of-map corners from the border (weight × 0 = 0, exactly what
+#    ``padding_mode="zeros"`` means), and a point further out is clamped to x0 ∈ {-2, W}, where all four
+#    corners are border zeros. So there are no validity masks, and the four corners of a point are always
+#    the rows tl, tl+heads, tl+W'·heads, tl+(W'+1)·heads of the padded table (W' = W+4): one index per point.
+# 3. A hand-written backward (a custom autograd Function) instead of autograd through the index/weight
+#    arithmetic:
+#    * per corner, g[n, k] = <grad_out[n], table[index[n, k]]>: PyTorch's fused kernel for the gradient of
+#      embedding_bag's per-sample weights. From g, closed-form bilinear derivatives give the gradients of the
+#      attention weights and the sampling locations (a dozen elementwise ops on [B, Lq, heads, L, P]).
+#    * grad_table[r] = Σ_{(n,k): index[n,k] = r} weight[n,k] · grad_out[n] is the *transposed* gather-sum.
+#      Sorting the points by their top-left row groups them by destination, so it is again embedding_bag
+#      (bags = table rows, looked-up table = grad_out), once per corner; the four results are added with the
+#      corner's row shift. Sorting the points (not the 4x more corners) keeps the sort small, and
+#      embedding_bag needs no atomics. (Letting autograd differentiate F.embedding_bag w.r.t. the table
+#      instead — a sort of all corners, then a row-by-row accumulation — made the whole step ~2x slower.)
+# 4. Layout for the elementwise work: each bag lists its entries corner-major, [corner, level, point], and
+#    per-level constants are small contiguous [heads, L, P] blocks rather than [L, 1] broadcasts. Both keep
+#    the inner loops of the elementwise kernels long and contiguous; with a trailing 2-element corner axis
+#    they ran several times slower.
+# 5. int32 indices wherever they fit: embedding_bag and sort are markedly faster on them.
+
+_INT32_LIMIT = 2**31  # use int32 indices when every table row fits (faster embedding_bag and sort)
+_PAD = 2  # zero border (pixels) around each level; 2 so that clamped far-away points read only zeros
+
+
+def _as_shapes(spatial_shapes, device) -> tuple[list[tuple[int, int]], Tensor]:
+    """Accept a LongTensor [L, 2] or a list of (H, W); return both a python list and a LongTensor."""
+    if isinstance(spatial_shapes, Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise ValueError(f"spatial_shapes must have shape [L, 2] (H, W), got {tuple(spatial_shapes.shape)}")
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    else:
+        shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes]
+        if any(len(hw) != 2 for hw in shapes):
+            raise ValueError(f"spatial_shapes must be a list of (H, W) pairs, got {spatial_shapes!r}")
+    if len(shapes) == 0:
+        raise ValueError("spatial_shapes is empty: need at least one level")
+    if any(h <= 0 or w <= 0 for h, w in shapes):
+        raise ValueError(f"spatial_shapes must be positive, got {shapes}")
+    return shapes, torch.tensor(shapes, dtype=torch.long, device=device)
+
+
+class _Geometry:
+    """Index bookkeeping for one problem size, built once and cached (see :func:`_geometry`).
+
+    The padded table has one row per (b, padded position, h); level l is stored as an (H+2·PAD) × (W+2·PAD) map.
+    All per-(head, level, point) constants are small contiguous [M, L, P, ...] blocks: broadcasting a contiguous
+    block gives long vectorised inner loops, whereas an [L, 1] constant (stride 0 over the points) makes
+    every elementwise op step a few elements at a time — several times slower on CPU.
+    """
+
+    def __init__(self, B, Lq, M, L, P, shapes, device, dtype, int32_limit):
+        hp = [h + 2 * _PAD for h, _ in shapes]
+        wp = [w + 2 * _PAD for _, w in shapes]
+        starts = [0]  # padded position where each level starts
+        for h_, w_ in zip(hp, wp):
+            starts.append(starts[-1] + h_ * w_)
+        s_pad = starts.pop()
+        self.n_rows = n_rows = B * s_pad * M
+        self.itype = itype = torch.int32 if n_rows + (max(wp) + 1) * M < int32_limit else torch.int64
+
+        def const(per_level, t):
+            c = torch.tensor(per_level, dtype=t, device=device)
+            c = c.view(1, L, 1, *c.shape[1:])
+            return c.expand(M, L, P, *c.shape[3:]).contiguous()
+
+        # (W, H) per level, matching the (x, y) order of the locations: pixel coordinate = loc · size - 0.5.
+        self.size = const([(w, h) for h, w in shapes], dtype)  # [M, L, P, 2]
+        self.minus_half = torch.full_like(self.size, -0.5)
+        self.lowest = torch.full_like(self.size, -_PAD)  # top-left corners are clamped to [-PAD, size]
+        # Table row of the (unpadded) pixel (x, y), x, y >= -PAD: origin + y · y_step + x · M.
+        self.y_step = const([w_ * M for w_ in wp], itype)  # [M, L, P]
+        head = torch.arange(M, dtype=itype, device=device).view(M, 1, 1)
+        batch = torch.arange(B, dtype=itype, device=device).view(B, 1, 1, 1, 1) * (s_pad * M)
+        self.origin = const(starts, itype) * M + head + batch + self.y_step * _PAD + _PAD * M  # [B, 1, M, L, P]
+        # Corners top-left, top-right, bottom-left, bottom-right = row offsets 0, M, y_step, y_step + M.
+        y = self.y_step[0]
+        self.shift = torch.stack([y * 0, y * 0 + M, y, y + M])  # [4, L, P]
+
+        # Row of every real pixel (b, s, h) in the padded table, in value's [B, ΣHW, M] order.
+        inner = []
+        for (h, w), w_, s0 in zip(shapes, wp, starts):
+            yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            inner.append(((yy + _PAD) * w_ + xx + _PAD + s0).reshape(-1))
+        pos = torch.cat(inner)  # [ΣHW] padded positions
+        rows = (torch.arange(B, device=device).view(B, 1, 1) * s_pad + pos.view(1, -1, 1)) * M
+        self.interior = (rows + torch.arange(M, device=device).view(1, 1, M)).reshape(-1)  # int64 (index_copy_)
+        # Backward: the gradient of real row r collects corner c of the points whose top-left row is
+        # r - shift_c, and those sums are stored at row c · n_rows + (r - shift_c) of the stacked corner
+        # gradients. The border guarantees r - shift_c stays inside r's level.
+        level = torch.repeat_interleave(torch.arange(L, device=device), torch.tensor([h * w for h, w in shapes]))
+        level = level.view(1, -1, 1).expand(B, -1, M).reshape(-1)
+        shift_of_row = self.shift[:, :, 0].to(torch.int64)[:, level]  # [4, B·ΣHW·M]
+        corner = torch.arange(4, device=device).view(4, 1) * n_rows
+        self.gather_rows = (self.interior + corner - shift_of_row).t().contiguous().to(itype)  # [B·ΣHW·M, 4]
+        # Start of every bag's entries (the K = 4·L·P entries of bag n are n·K ... n·K + K-1).
+        N, K = B * Lq * M, 4 * L * P
+        self.bag_offsets = torch.arange(0, N * K, K, dtype=itype, device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def _geometry(B, Lq, M, L, P, shapes, device, dtype, int32_limit) -> _Geometry:
+    # Cached: a training loop calls the same sizes every step, and this is ~a dozen small ops we need not repeat.
+    return _Geometry(B, Lq, M, L, P, shapes, device, dtype, int32_limit)
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    """value [B, ΣHW, M, D], locations [B, Lq, M, L, P, 2], weights [B, Lq, M, L, P] -> [B, Lq, M·D]."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, loc: Tensor, attn: Tensor, shapes: tuple[tuple[int, int], ...]) -> Tensor:
+        B, S, M, D = value.shape
+        _, Lq, _, L, P, _ = loc.shape
+        N = B * Lq * M  # output rows = "bags" of the gather-sum
+        geo = _geometry(B, Lq, M, L, P, shapes, value.device, value.dtype, _INT32_LIMIT)
+
+        # Continuous pixel coordinates (grid_sample, align_corners=False): pixel centres sit at integers.
+        # (Fused ops such as addcmul and out= writes below only save passes over memory / kernel launches.)
+        pix = torch.addcmul(geo.minus_half, loc, geo.size)  # loc · size - 0.5, [B, Lq, M, L, P, 2]
+        p0 = pix.floor()
+        frac = pix - p0  # (fx, fy): weights of the right / bottom neighbours
+        # Top-left corner, clamped into the border (trick 2), and its table row.
+        p0 = torch.clamp(p0, min=geo.lowest, max=geo.size).to(geo.itype)
+        tl = torch.addcmul(geo.origin, p0[..., 1], geo.y_step).add_(p0[..., 0], alpha=M)  # [B, Lq, M, L, P]
+
+        # Each bag (b, q, h) lists its K = 4·L·P entries corner-major, [corner, level, point] (trick 4).
+        index = (tl.view(N, 1, L, P) + geo.shift).view(N, 4 * L * P)
+        # Corner weights = attention × y-weight × x-weight, written straight into the corner-major layout.
+        fx, fy = frac[..., 0], frac[..., 1]
+        a_bottom = attn * fy
+        a_top = attn - a_bottom  # attn · (1 - fy)
+        weight = attn.new_empty(B, Lq, M, 4, L, P)
+        w00, w01, w10, w11 = weight.unbind(3)
+        torch.mul(a_top, fx, out=w01)
+        torch.sub(a_top, w01, out=w00)
+        torch.mul(a_bottom, fx, out=w11)
+        torch.sub(a_bottom, w11, out=w10)
+        weight = weight.view(N, 4 * L * P)
+
+        # The zero-bordered value table (trick 2): real rows copied in with one index_copy_.
+        table = value.new_zeros(geo.n_rows, D).index_copy_(0, geo.interior, value.reshape(-1, D))
+        out = F.embedding_bag(index, table, mode="sum", per_sample_weights=weight)
+
+        ctx.save_for_backward(table, index, weight, tl, frac, attn)
+        ctx.geo = geo
+        return out.view(B, Lq, M * D)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        table, index, weight, tl, frac, attn = ctx.saved_tensors
+        geo = ctx.geo
+        B, Lq, M, L, P = tl.shape
+        N, LP, D = B * Lq * M, L * P, table.shape[1]
+        need_value, need_loc, need_attn = ctx.needs_input_grad[:3]
+        go = grad_out.reshape(N, D).contiguous()
+        grad_value = grad_loc = grad_attn = None
+
+        if need_loc or need_attn:
+            # g[n, k] = <grad_out[n], table[index[n, k]]>, the gradient of every corner weight: PyTorch's fused
+            # kernel for the per-sample-weight gradient of embedding_bag (a private ATen op, stable since
+            # torch 1.8; calling it directly skips the second forward pass and bag bookkeeping that
+            # torch.autograd.grad through F.embedding_bag would add).
+            K = index.shape[1]
+            entry_bag = torch.arange(N, dtype=index.dtype, device=index.device).view(N, 1).expand(N, K).reshape(-1)
+            g = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                go, table, index.view(-1), geo.bag_offsets, entry_bag, 0, -1  # mode 0 = sum, no padding_idx
+            )
+            g00, g01, g10, g11 = g.view(B, Lq, M, 4, L, P).unbind(3)
+            fx, fy = frac[..., 0], frac[..., 1]
+            # Closed-form bilinear derivatives. With corner weight attn · wy_i · wx_j, wx = (1-fx, fx),
+            # wy = (1-fy, fy), and top/bottom = the x-interpolated corner gradients:
+            #   d/d attn = (1-fy)·top + fy·bottom,   d/d fy = attn·(bottom - top),
+            #   d/d fx   = attn·((1-fy)·(g01 - g00) + fy·(g11 - g10)).
+            dx_top, dx_bottom = g01 - g00, g11 - g10
+            top = torch.addcmul(g00, fx, dx_top)
+            dy = torch.addcmul(g10, fx, dx_bottom).sub_(top)  # bottom - top
+            if need_attn:
+                grad_attn = torch.addcmul(top, fy, dy)
+            if need_loc:
+                # pix = loc · size - 0.5 and frac = pix - floor(pix), so d frac / d loc = size.
+                grad_loc = torch.empty_like(frac)
+                torch.mul(attn, torch.addcmul(dx_top, fy, dx_bottom.sub_(dx_top)), out=grad_loc[..., 0])
+                torch.mul(attn, dy, out=grad_loc[..., 1])
+                grad_loc.mul_(geo.size)
+
+        if need_value:
+            # Transposed gather-sum (trick 3), in two embedding_bags:
+            # (a) sort the points by top-left row; then for corner c the points feeding row r + shift_c are one
+            #     contiguous run, and G[c, r] = Σ_{points with tl = r} w_c · grad_out[bag] is one bag. All four
+            #     corners go in one call: the sorted point list is repeated once per corner, with that corner's
+            #     weights, and bag c·n_rows + r covers run r of copy c.
+            n_rows = geo.n_rows
+            rows_sorted, perm = torch.sort(tl.view(-1))
+            counts = torch.bincount(rows_sorted, minlength=n_rows)
+            starts = torch.zeros_like(counts)
+            torch.cumsum(counts[:-1], 0, out=starts[1:])
+            n_pts = perm.numel()
+            corner = torch.arange(4, device=perm.device).view(4, 1)
+            offsets = (starts + corner * n_pts).view(-1).to(geo.itype)
+            bag = torch.div(perm, LP, rounding_mode="floor")  # output row (b, q, h) of each sorted point
+            pos = torch.add(perm, bag, alpha=3 * LP)  # where its top-left weight sits in the [N, 4, L·P] weights
+            w_sorted = weight.view(-1).index_select(0, (pos + corner * LP).view(-1))  # [4 · points]
+            G = F.embedding_bag(bag.to(geo.itype).repeat(4), go, offsets, mode="sum", per_sample_weights=w_sorted)
+            # (b) each real table row sums its four corner contributions, read at their shifted rows; this also
+            #     drops the zero border and returns the rows in value's own [B, ΣHW, M] order.
+            grad_value = F.embedding_bag(geo.gather_rows, G, mode="sum").view(B, -1, M, D)
+
+        return grad_value, grad_loc, grad_attn, None
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention core (pure PyTorch, differentiable w.r.t. all three tensors).
+
+    Args:
+        value: [B, ΣHW, heads, d] — the flattened levels, concatenated level after level, row-major (y, x).
+        spatial_shapes: LongTensor [L, 2] or list of (H, W) per level.
+        sampling_locations: [B, Lq, heads, L, P, 2] as (x, y) in [0, 1] (values outside read zeros).
+        attention_weights: [B, Lq, heads, L, P] (normally softmaxed over L·P; not required here).
+
+    Returns:
+        [B, Lq, heads·d]. Same numbers as the official ``ms_deform_attn_core_pytorch`` (grid_sample, bilinear,
+        zero padding, ``align_corners=False``), computed as one weighted gather-sum (see the comments above).
+    """
+    shapes, _ = _as_shapes(spatial_shapes, value.device)
+    if value.dim() != 4:
+        raise ValueError(f"value must be [B, ΣHW, heads, d], got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"sampling_locations must be [B, Lq, heads, L, P, 2], got shape {tuple(sampling_locations.shape)}"
+        )
+    B, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    total = sum(h * w for h, w in shapes)
+    if total != S:
+        raise ValueError(f"ΣHW of spatial_shapes {shapes} is {total} != value.shape[1] = {S}")
+    if len(shapes) != L:
+        raise ValueError(f"spatial_shapes has {len(shapes)} levels but sampling_locations has L = {L}")
+    if sampling_locations.shape[0] != B or sampling_locations.shape[2] != M:
+        raise ValueError(
+            f"sampling_locations (batch, heads) = {(sampling_locations.shape[0], sampling_locations.shape[2])} "
+            f"!= value (batch, heads) = {(B, M)}"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"attention_weights shape {tuple(attention_weights.shape)} != sampling_locations.shape[:-1] = "
+            f"{tuple(sampling_locations.shape[:-1])}"
+        )
+    if not value.is_floating_point():
+        raise ValueError(f"value must be a floating-point tensor, got {value.dtype}")
+    loc = sampling_locations.to(value.dtype)
+    attn = attention_weights.to(value.dtype)
+    return _MSDeformAttnFunction.apply(value, loc, attn, tuple(shapes))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module with the official (Deformable-DETR / DINOv3) interface.
+
+    Args:
+        d_model: query / input / output channels.
+        n_levels: number of feature levels L.
+        n_heads: number of heads.
+        n_points: sampling points P per (head, level).
+        ratio: value channels = ``int(d_model * ratio)`` (the DINOv3 adapter uses 0.5; the pixel decoder 1.0).
+            Each head gets ``int(d_model * ratio) // n_heads`` of them.
+
+    Parameters (official names): ``sampling_offsets`` Linear(d_model, heads·L·P·2), ``attention_weights``
+    Linear(d_model, heads·L·P), ``value_proj`` Linear(d_model, int(d_model·ratio)), ``output_proj``
+    Linear(int(d_model·ratio), d_model).
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, ratio: float = 1.0):
+        super().__init__()
+        # The official module checks d_model % n_heads; with ratio != 1 it then views the value as
+        # [.., heads, int(d_model*ratio) // heads], which only works if heads also divides the scaled width.
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
+        value_dim = int(d_model * ratio)
+        if value_dim <= 0 or value_dim % n_heads != 0:
+            raise ValueError(
+                f"int(d_model * ratio) = int({d_model} * {ratio}) = {value_dim} must be a positive multiple of "
+                f"n_heads = {n_heads}"
+            )
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.ratio = ratio
+        self.value_dim = value_dim
+        self.im2col_step = 64  # kept for parity with the official module; unused by the PyTorch core
+
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, value_dim)
+        self.output_proj = nn.Linear(value_dim, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Official init: offsets start on a ring of head directions, attention starts uniform."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        # Head h points in direction theta_h = 2πh/heads, scaled so the larger of |cos|, |sin| is 1 (the ring
+        # becomes a square: offsets land on pixel neighbours); point i goes i+1 pixels far. Same for every level.
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        input_flatten: Tensor,
+        input_spatial_shapes: Tensor,
+        input_level_start_index: Tensor | None = None,
+        input_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: [B, Lq, d_model].
+            reference_points: [B, Lq, L, 2] (x, y) in [0, 1], top-left (0, 0); or [B, Lq, L, 4] boxes
+                (cx, cy, w, h), where offsets are then scaled by the box size.
+            input_flatten: [B, ΣHW, d_model], levels concatenated.
+            input_spatial_shapes: LongTensor [L, 2] of (H, W).
+            input_level_start_index: [L] start of each level in input_flatten (accepted for API parity; the
+                starts are recomputed from the shapes).
+            input_padding_mask: [B, ΣHW] bool, **True = padding** (value zeroed there).
+
+        Returns:
+            [B, Lq, d_model].
+        """
+        B, Lq, _ = query.shape
+        _, S, _ = input_flatten.shape
+        shapes, shapes_t = _as_shapes(input_spatial_shapes, query.device)
+        if len(shapes) != self.n_levels:
+            raise ValueError(f"got {len(shapes)} levels in input_spatial_shapes, module has n_levels={self.n_levels}")
+        total = sum(h * w for h, w in shapes)
+        if total != S:
+            raise ValueError(f"ΣHW of input_spatial_shapes {shapes} is {total} != input_flatten.shape[1] = {S}")
+        if reference_points.dim() != 4 or reference_points.shape[:3] != (B, Lq, self.n_levels):
+            raise ValueError(
+                f"reference_points must be [B, Lq, L, 2|4] = [{B}, {Lq}, {self.n_levels}, 2|4], "
+                f"got {tuple(reference_points.shape)}"
+            )
+
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(B, S, self.n_heads, self.value_dim // self.n_heads)
+
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)
+        attn = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1).view(B, Lq, M, L, P)
+
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide by (W_l, H_l) to get normalised units
+            normalizer = torch.stack([shapes_t[:, 1], shapes_t[:, 0]], -1).to(offsets.dtype)
+            loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            # offsets are relative to the box: ±P/P · half the box size at most for unit offsets
+            loc = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
+
+        out = ms_deform_attn(value, shapes, loc, attn)
+        return self.output_proj(out)
