@@ -48,6 +48,7 @@ from .data import ShapesWorld
 class PretrainConfig:
     arch: str = "dinov3_vittiny16"
     image_size: int = 128  # ShapesWorld render size
+    max_objects: int = 4  # ShapesWorld scenes hold 1..max_objects objects
     global_size: int = 96  # 6 x 6 patches
     local_size: int = 48  # 3 x 3 patches
     n_local: int = 4
@@ -181,7 +182,8 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print) -> dict
     temp_sched = ssl.linear_warmup_then_constant(cfg.teacher_temp[0], cfg.teacher_temp[1], total,
                                                  min(cfg.teacher_temp_warmup, total // 3))
     aug = ssl.MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local)
-    data = ShapesWorld("train", size=cfg.image_size, num_samples=1 << 30, seed=cfg.data_seed)
+    data = ShapesWorld("train", size=cfg.image_size, n_objects=(1, cfg.max_objects), num_samples=1 << 30,
+                       seed=cfg.data_seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank)
     dino_loss, ibot_loss, koleo, gram = ssl.DINOLoss(cfg.head_out_dim), ssl.iBOTPatchLoss(), ssl.KoLeoLoss(), ssl.GramLoss(
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/dinov3_tiny_shapesworld.pth")
     for name in ("steps", "gram_steps", "batch_size", "seed", "n_local", "global_size", "local_size", "log_every",
                  "image_size", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "warmup_steps",
-                 "teacher_temp_warmup"):
+                 "teacher_temp_warmup", "max_objects"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "gram_weight", "koleo_weight", "ibot_weight", "layerscale_init"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
