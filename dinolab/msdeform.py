@@ -78,10 +78,13 @@ __all__ = ["ms_deform_attn", "MSDeformAttn"]
 #      attention weights and the sampling locations (a dozen elementwise ops on [B, Lq, heads, L, P]).
 #    * grad_table[r] = Σ_{(n,k): index[n,k] = r} weight[n,k] · grad_out[n] is the *transposed* gather-sum.
 #      Sorting the points by their top-left row groups them by destination, so it is again embedding_bag
-#      (bags = table rows, looked-up table = grad_out), once per corner; the four results are added with the
-#      corner's row shift. Sorting the points (not the 4x more corners) keeps the sort small, and
+#      (bags = table rows, looked-up table = grad_out) — one bag per (corner, top-left row) — followed by a
+#      tiny second embedding_bag that adds each real row's four corner sums (read at the corner's row shift)
+#      and drops the border. Sorting the points (not the 4x more corners) keeps the sort small, and
 #      embedding_bag needs no atomics. (Letting autograd differentiate F.embedding_bag w.r.t. the table
 #      instead — a sort of all corners, then a row-by-row accumulation — made the whole step ~2x slower.)
+#    Few, large kernels also matter: when other processes compete for the cores, every multi-threaded op
+#    waits for its slowest thread, so the op count (not only the flops) sets the time.
 # 4. Layout for the elementwise work: each bag lists its entries corner-major, [corner, level, point], and
 #    per-level constants are small contiguous [heads, L, P] blocks rather than [L, 1] broadcasts. Both keep
 #    the inner loops of the elementwise kernels long and contiguous; with a trailing 2-element corner axis
@@ -157,7 +160,11 @@ class _Geometry:
         # Backward: the gradient of real row r collects corner c of the points whose top-left row is
         # r - shift_c, and those sums are stored at row c · n_rows + (r - shift_c) of the stacked corner
         # gradients. The border guarantees r - shift_c stays inside r's level.
-        level = torch.repeat_interleave(torch.arange(L, device=device), torch.tensor([h * w for h, w in shapes]))
+        # output_size: repeat_interleave cannot infer it on the meta device (shape-only runs, dinolab.trace)
+        level = torch.repeat_interleave(
+            torch.arange(L, device=device), torch.tensor([h * w for h, w in shapes], device=device),
+            output_size=sum(h * w for h, w in shapes),
+        )
         level = level.view(1, -1, 1).expand(B, -1, M).reshape(-1)
         shift_of_row = self.shift[:, :, 0].to(torch.int64)[:, level]  # [4, B·ΣHW·M]
         corner = torch.arange(4, device=device).view(4, 1) * n_rows
@@ -345,6 +352,10 @@ class MSDeformAttn(nn.Module):
     Parameters (official names): ``sampling_offsets`` Linear(d_model, heads·L·P·2), ``attention_weights``
     Linear(d_model, heads·L·P), ``value_proj`` Linear(d_model, int(d_model·ratio)), ``output_proj``
     Linear(int(d_model·ratio), d_model).
+
+    Differences from the official class: ``input_level_start_index`` may be omitted (it is recomputed), the
+    heads must also divide ``int(d_model * ratio)`` (the official code fails later in a ``view`` otherwise), and
+    there is no "per-head dim should be a power of 2" warning (that only concerned the CUDA kernel).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, ratio: float = 1.0):

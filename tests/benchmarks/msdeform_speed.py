@@ -5,7 +5,7 @@ Forward + backward (grads for value, sampling_locations, attention_weights), fp3
 the median of the per-repeat time ratios (ours / peer) is printed, plus the max abs differences of the output
 and the three gradients.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/msdeform_speed.py [--batch 2] [--repeats 9]
+    HF_HUB_OFFLINE=1 .venv/bin/python tests/benchmarks/msdeform_speed.py [--batch 2] [--repeats 9] [--threads N]
 """
 from __future__ import annotations
 
@@ -52,7 +52,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave the default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     value, loc, attn, grad_out = make_inputs(args.batch)
     shapes_t = torch.tensor(SHAPES, dtype=torch.long)
@@ -73,6 +76,7 @@ def main() -> None:
         dt = time.perf_counter() - t0
         return dt, out.detach(), [t.grad for t in ins]
 
+    load_before = os.getloadavg()[0]
     for _ in range(args.warmup):
         step(run_peer)
         step(run_ours)
@@ -89,6 +93,13 @@ def main() -> None:
     print(f"peer (transformers grid_sample) fwd+bwd median: {statistics.median(t_peer) * 1e3:8.1f} ms")
     print(f"ours (dinolab embedding_bag)    fwd+bwd median: {statistics.median(t_ours) * 1e3:8.1f} ms")
     print(f"median ratio ours/peer over {args.repeats} repeats: {statistics.median(ratios):.3f}")
+    print(f"ratio of best times (min ours / min peer):   {min(t_ours) / min(t_peer):.3f}")
+    load = max(load_before, os.getloadavg()[0])
+    print(f"1-min load average during the run: {load:.2f} on {os.cpu_count()} CPUs")
+    if load > 0.5 * (os.cpu_count() or 1):
+        print("WARNING: the machine is busy. Under CPU oversubscription every multi-threaded op waits for a "
+              "descheduled thread at its barrier, which penalises the implementation with more (smaller) ops; "
+              "rerun on an idle machine (or with fewer threads) for a meaningful ratio.")
     names = ["output", "grad value", "grad sampling_locations", "grad attention_weights"]
     for name, a, b in zip(names, [out_o, *grads_o], [out_p, *grads_p]):
         print(f"max abs diff {name:24s}: {(a - b).abs().max().item():.3e}   (max |peer| {b.abs().max().item():.3e})")
