@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ssl, vit
+from .viz import normalize
 from .data import ShapesWorld
 
 
@@ -146,18 +147,12 @@ def _gram_teacher_targets(gram_teacher: nn.Module, images: Tensor, boxes: Tensor
     """Patch features of the Gram teacher on clean (undistorted) crops at 2x the student resolution,
     resized bicubically to the student's grid: (n_crops * B, grid * grid, D)."""
     crops = torch.cat([ssl.crop_and_resize(images, boxes[c], 2 * size, flip=flips[c]) for c in range(boxes.shape[0])])
-    crops = _normalize(crops)
+    crops = normalize(crops)
     feats = gram_teacher.forward_features(crops)["x_norm_patchtokens"]  # (nB, (2g)^2, D)
     n, _, D = feats.shape
     fmap = feats.transpose(1, 2).reshape(n, D, 2 * grid, 2 * grid)
     fmap = F.interpolate(fmap, size=(grid, grid), mode="bicubic", align_corners=False)
     return fmap.flatten(2).transpose(1, 2)
-
-
-def _normalize(x: Tensor) -> Tensor:
-    mean = torch.tensor(ssl.IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(ssl.IMAGENET_STD, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def train(cfg: PretrainConfig, out: str | Path | None = None, log=print) -> dict:
