@@ -154,13 +154,16 @@ def _range_name(names: list[str]) -> str:
     """['blocks.0', ..., 'blocks.23'] -> 'blocks.0-23'."""
     if len(names) == 1:
         return names[0]
-    nums = []
-    for n in names:
-        m = re.search(r"\.(\d+)(?=\.|$)", n)
-        nums.append(int(m.group(1)) if m else None)
-    if None in nums:
+    # the index that varies may be any of them: 'interactions.3.extra_extractors.0' / '.1' -> '...extra_extractors.0-1'
+    matches = [list(re.finditer(r"\.(\d+)(?=\.|$)", n)) for n in names]
+    if len({len(m) for m in matches}) != 1 or not matches[0]:
         return names[0]
-    first = re.search(r"\.(\d+)(?=\.|$)", names[0])
+    varying = [k for k in range(len(matches[0])) if len({m[k].group(1) for m in matches}) > 1]
+    if not varying:
+        return names[0]
+    k = varying[0]
+    nums = [int(m[k].group(1)) for m in matches]
+    first = matches[0][k]
     lo, hi = min(nums), max(nums)
     span = f"{lo}-{hi}" if len(set(nums)) == hi - lo + 1 else ",".join(map(str, sorted(set(nums))))
     return names[0][: first.start(1)] + span + names[0][first.end(1):]

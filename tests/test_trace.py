@@ -26,3 +26,15 @@ def test_trace_on_meta_device_for_vit_l_at_512():
 
 def test_fmt_shape_nested():
     assert fmt_shape((torch.zeros(1, 2), {"a": torch.zeros(3)}, 5)) == "([1,2], a=[3], 5)"
+
+
+def test_range_name_collapses_the_index_that_varies():
+    from dinolab.trace import _range_name
+
+    assert _range_name(["blocks.0", "blocks.1", "blocks.2"]) == "blocks.0-2"
+    assert _range_name(["blocks.1", "blocks.3"]) == "blocks.1,3"
+    # the varying index is not the first number in the name
+    names = ["interactions.3.extra_extractors.0", "interactions.3.extra_extractors.1"]
+    assert _range_name(names) == "interactions.3.extra_extractors.0-1"
+    assert _range_name(["interactions.0.extractor", "interactions.1.extractor"]) == "interactions.0-1.extractor"
+    assert _range_name(["stem", "head"]) == "stem"  # nothing numeric to range over
