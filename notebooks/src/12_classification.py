@@ -1,0 +1,384 @@
+# %% [markdown]
+# # 12 · Classification: the linear probe and k-NN
+#
+# The standard way to measure what a self-supervised backbone has learned is to **freeze** it and fit the simplest
+# possible classifiers on its features. DINOv3 reports two (`dinov3/eval/linear.py`, `dinov3/eval/knn.py`):
+#
+# 1. the **linear probe**: one `nn.Linear` on `[CLS ‖ mean of the patch tokens]` of the last block, trained with SGD
+#    over a grid of learning rates;
+# 2. the **weighted k-NN** of the DINO papers: each of the k = 20 nearest training images (cosine similarity) votes
+#    for its label with weight exp(sim / T), T = 0.07.
+#
+# You will read the image label of ShapesWorld and its **majority-class baseline**, build the official probe input
+# with `create_linear_input`, train `LinearClassifier` on CLS alone and on CLS ‖ mean patch, run the k-NN, draw the
+# per-class **confusion matrix**, and compare the pretrained tiny backbone with the **same architecture at random
+# init**. Spoiler, and the honest point of this notebook: the tiny backbone, pretrained for 500 CPU steps, is no better
+# than random init at this task (`data/README.md`); the last section says why and what would change it.
+#
+# Expected run time: about 25 s on 2 idle CPU cores (most of it extracting the features of 3,584 images).
+
+# %%
+from IPython.display import Markdown, display
+
+from dinolab import viz
+
+display(Markdown(viz.series_map("12")))
+
+# %%
+import os
+
+for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+    os.environ.setdefault(k, v)
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from dinolab import trace, vit
+from dinolab.data import CLASS_NAMES, MASK_COLORS, NUM_CLASSES, ShapesWorld
+from dinolab.heads import LinearClassifier, create_linear_input, knn_accuracy, knn_predict
+from dinolab.train import confusion_matrix, extract_features
+from dinolab.utils import count_params, get_device, seed_everything
+
+seed_everything(0)
+DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
+SCALE = 1  # a GPU reader can raise this: more training images
+print("device type:", DEVICE.type)
+
+CKPT = Path(os.environ.get("DINOLAB_CKPT", Path("..") / "data" / "dinov3_tiny_shapesworld.pth"))
+if not CKPT.exists():
+    raise FileNotFoundError(f"{CKPT} is missing: make it with `python -m dinolab.pretrain --out "
+                            f"data/dinov3_tiny_shapesworld.pth` from the repository root (recipe in data/README.md)")
+backbone = vit.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
+D = backbone.embed_dim
+print(f"pretrained tiny backbone: D={D}, {len(backbone.blocks)} blocks, {count_params(backbone):,} parameters (frozen)")
+
+# %% [markdown]
+# ## 1. The label, and the baseline to beat
+#
+# `dinolab/data.py`: the image label is **the class that covers the most visible pixels** of the semantic mask (summed
+# over all objects of that class; ties go to the smaller id; 0 = background only if no object is visible). An image
+# holds 1–4 objects of 5 shapes, so the label is "the dominant shape", and the others are distractors. We use three
+# disjoint splits: train (fit), val (choose the probe's learning rate), test (report).
+
+# %%
+N_TRAIN, N_VAL, N_TEST, S = 1024 * SCALE, 256, 512, 128
+data = {split: ShapesWorld(split, size=S).batch(torch.arange(n))
+        for split, n in (("train", N_TRAIN), ("val", N_VAL), ("test", N_TEST))}
+for split, b in data.items():
+    print(f"{split:5s} image {tuple(b['image'].shape)}  mask {tuple(b['mask'].shape)}  label {tuple(b['label'].shape)}")
+
+# the label, recomputed from the mask
+m = data["test"]["mask"]
+area = F.one_hot(m.flatten(1), NUM_CLASSES).sum(1)  # (N, 6) pixels per class
+by_hand = torch.where(area[:, 1:].amax(1) > 0, area[:, 1:].argmax(1) + 1, 0)
+assert torch.equal(by_hand, data["test"]["label"])
+print("label == argmax over classes 1..5 of the mask's pixel count (checked on every test image)")
+
+y = {split: b["label"] for split, b in data.items()}
+counts = torch.bincount(y["train"], minlength=NUM_CLASSES)
+majority = int(counts.argmax())
+majority_acc = float((y["test"] == majority).float().mean())
+print("train label counts:", {CLASS_NAMES[c]: int(n) for c, n in enumerate(counts)})
+print(f"majority-class baseline: always predict '{CLASS_NAMES[majority]}' (the most frequent training label) → "
+      f"test accuracy {majority_acc:.3f} (uniform guessing over 5 shapes: 0.200)")
+
+present = area[:, 1:] > 0
+mean_area = area[:, 1:].sum(0) / present.sum(0).clamp_min(1)
+print("mean pixels of a class in the test images where it appears:",
+      {CLASS_NAMES[c + 1]: int(a) for c, a in enumerate(mean_area)})
+share = area.gather(1, y["test"][:, None])[:, 0].float() / (S * S)
+second = area[:, 1:].sort(1, descending=True).values[:, 1].float()
+margin = second / area.gather(1, y["test"][:, None])[:, 0].float()
+print(f"the labelled class covers a median {100 * share.median():.1f} % of the image "
+      f"({share.median() * S * S / 256:.1f} patches of 16 × 16); in {100 * (margin > 0.5).float().mean():.0f} % of "
+      f"test images a second shape covers more than half as many pixels as the label's")
+assert 0.15 < majority_acc < 0.3  # five shapes, roughly balanced
+
+# %%
+fig, axes = plt.subplots(2, 6, figsize=(10, 3.6), dpi=70)
+for i in range(6):
+    axes[0, i].imshow(viz.to_numpy_image(data["test"]["image"][i]))
+    axes[0, i].set_title(f"label: {CLASS_NAMES[y['test'][i]]}", fontsize=9)
+    axes[1, i].imshow(MASK_COLORS[data["test"]["mask"][i]].numpy())
+    axes[1, i].set_title(f"{100 * share[i]:.1f} % of pixels", fontsize=8)
+for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+handles = [plt.Rectangle((0, 0), 1, 1, color=MASK_COLORS[c].numpy()) for c in range(NUM_CLASSES)]
+fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=6, fontsize=8, frameon=False)
+plt.tight_layout(rect=(0, 0.06, 1, 1))
+plt.show()
+
+# %% [markdown]
+# The classes are not balanced: a shape that covers more pixels on average (circle, ring: see the mean areas above)
+# wins the "most pixels" vote more often than a thin one (star, triangle), so always answering the most frequent label already beats
+# 1/5. That majority-class accuracy is the floor any classifier must clear. The labelled shape is also small: a few
+# patches of the 8 × 8 grid, with other shapes, shadows and textured floors around it. A global descriptor (CLS, or the mean of 64 patch tokens) has to single out that one shape.
+#
+# ## 2. The official probe input
+#
+# `dinov3/eval/linear.py` reads the frozen backbone through `get_intermediate_layers(x, n=n_last_blocks,
+# return_class_token=True)` (normalised outputs) and builds the classifier input with `create_linear_input`: the CLS
+# tokens of the last `use_n_blocks` blocks, concatenated with the **mean of the last block's patch tokens** (storage
+# tokens excluded) when `use_avgpool`. The official `setup_linear_classifiers` always uses avgpool and, by default,
+# one block → **2D features**. The hub's ViT-7B classifier `dinov3_vit7b16_lc` is exactly that: `Linear(8192, 1000)`
+# on `cat(CLS, mean patch)`, D = 4096.
+
+# %%
+x2 = viz.normalize(data["test"]["image"][:2]).to(DEVICE)
+with torch.no_grad():
+    out = backbone.get_intermediate_layers(x2, n=4, return_class_token=True, norm=True)
+print(f"get_intermediate_layers(n=4): {len(out)} pairs of (patch tokens, cls):",
+      [(tuple(p.shape), tuple(c.shape)) for p, c in out][:1], "...")
+patches, cls = out[-1]
+by_hand = torch.cat([cls, patches.mean(dim=1)], dim=-1)
+print(f"last block: cls {tuple(cls.shape)} ‖ mean over {patches.shape[1]} patch tokens {tuple(patches.mean(1).shape)} "
+      f"→ {tuple(by_hand.shape)}")
+torch.testing.assert_close(create_linear_input(out, use_n_blocks=1, use_avgpool=True), by_hand)
+print("create_linear_input(n=1, avgpool) == cat(cls, mean patch)")
+for nb, avg in ((1, False), (1, True), (4, True)):
+    print(f"  use_n_blocks={nb}, use_avgpool={avg!s:5s} → {tuple(create_linear_input(out, nb, avg).shape)}")
+
+# %% [markdown]
+# The backbone is frozen, so we extract the last four blocks' (patch tokens, CLS) once for every image, for the
+# pretrained backbone and for the same architecture at **random init**, and fit all classifiers on the cache.
+
+# %%
+def cache(model):
+    return {split: extract_features(model, b["image"], layers=4, batch_size=128, reshape=False, normalize=True)
+            for split, b in data.items()}
+
+
+feats = {"pretrained": cache(backbone)}
+seed_everything(0)
+feats["random init"] = cache(vit.dinov3_vittiny16().to(DEVICE).eval())
+for name, f in feats.items():
+    print(f"{name:11s}", {split: f"{len(v)} × ({tuple(v[-1][0].shape)}, {tuple(v[-1][1].shape)})" for split, v in f.items()})
+
+# %% [markdown]
+# ## 3. The linear probe
+#
+# `LinearClassifier` (ours, official names): `nn.Linear(out_dim, num_classes)` with weight N(0, 0.01) and bias 0, on
+# `create_linear_input`. The official recipe trains one classifier per learning rate of a grid (13 values, scaled by
+# batch/256) with SGD (momentum 0.9, no weight decay), a cosine schedule and cross-entropy, and keeps the best on the
+# validation set. Ours (smaller, our choice): 6 learning rates, 30 epochs of 1,024 images at batch 128; the best
+# learning rate is chosen on **val** and the accuracy reported on **test**, a split it never saw.
+
+# %%
+LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+EPOCHS, BATCH = 30, 128
+PROBES = {"CLS only": dict(use_cls=True, use_mean_patch=False),
+          "CLS ‖ mean patch (official)": dict(use_cls=True, use_mean_patch=True)}
+
+
+def train_probe(f, lr, **kw):
+    torch.manual_seed(0)
+    clf = LinearClassifier(D, NUM_CLASSES, **kw).to(DEVICE)
+    x_tr = clf.features(f["train"]).to(DEVICE)
+    y_tr = y["train"].to(DEVICE)
+    steps = EPOCHS * (N_TRAIN // BATCH)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, N_TRAIN, (BATCH,), generator=g).to(DEVICE)
+        loss = F.cross_entropy(clf(x_tr[idx]), y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return clf
+
+
+ABSENT = (counts == 0).to(DEVICE)  # classes with no training image (here: background) are never predicted
+
+
+@torch.no_grad()
+def predict(clf, f_split):
+    return clf(clf.features(f_split).to(DEVICE)).masked_fill(ABSENT, float("-inf")).argmax(1).cpu()
+
+
+def acc(pred, target):
+    return float((pred == target).float().mean())
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# the accuracies depend on float rounding in their last digits; the asserts below check what the text claims
+results, best = {}, {}
+for bname, f in feats.items():
+    for pname, kw in PROBES.items():
+        val_accs = {}
+        clfs = {}
+        for lr in LRS:
+            clfs[lr] = train_probe(f, lr, **kw)
+            val_accs[lr] = acc(predict(clfs[lr], f["val"]), y["val"])
+        lr_best = max(LRS, key=lambda lr: val_accs[lr])
+        best[bname, pname] = clfs[lr_best]
+        results[bname, pname] = acc(predict(clfs[lr_best], f["test"]), y["test"])
+        print(f"{bname:11s} {pname:28s} val acc per lr {[round(v, 3) for v in val_accs.values()]} → lr {lr_best}: "
+              f"test acc {results[bname, pname]:.3f}")
+
+# %% [markdown]
+# ## 4. Weighted k-NN
+#
+# `dinolab.heads.knn_predict` (DINO's `knn.py`): cosine similarity between L2-normalised features, the k = 20 most
+# similar training images, each voting for its label with weight exp(sim / 0.07). No training, no hyperparameter
+# search: a pure measure of how the feature space is organised. We check it by hand for one test image first.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# the similarities and votes are printed with many digits; the assert checks the by-hand vote against knn_predict
+f_cls = {split: v[-1][1] for split, v in feats["pretrained"].items()}  # last block's CLS
+q = F.normalize(f_cls["test"][:1], dim=1)
+sim = q @ F.normalize(f_cls["train"], dim=1).T  # (1, N_TRAIN)
+top_sim, top_idx = sim.topk(20, dim=1)
+votes = torch.zeros(NUM_CLASSES).scatter_add_(0, y["train"][top_idx[0]], (top_sim[0] / 0.07).exp())
+print(f"test image 0 (label {CLASS_NAMES[y['test'][0]]}): 20 neighbours with cosine {top_sim[0, 0]:.3f} … "
+      f"{top_sim[0, -1]:.3f}; their labels {y['train'][top_idx[0]].tolist()}")
+print("weighted votes per class:", {CLASS_NAMES[c]: round(float(v), 1) for c, v in enumerate(votes) if v > 0})
+assert int(votes.argmax()) == int(knn_predict(f_cls["train"], y["train"], f_cls["test"][:1], k=20, T=0.07)[0])
+print("by hand == knn_predict")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# the accuracies can differ in the last digit between machines; the asserts below check what the text claims
+knn = {}
+for bname, f in feats.items():
+    for pname, kw in PROBES.items():
+        xs = {split: create_linear_input(v, 1, kw["use_mean_patch"]) for split, v in f.items()}
+        knn[bname, pname] = knn_accuracy(xs["train"], y["train"], xs["test"], y["test"], k=20, T=0.07)
+rows = ["| backbone | features | linear probe (test) | k-NN k=20 (test) |", "|---|---|---|---|"]
+for (bname, pname), a in results.items():
+    rows.append(f"| {bname} | {pname} | {a:.3f} | {knn[bname, pname]:.3f} |")
+rows.append(f"| — | majority class ('{CLASS_NAMES[majority]}') | {majority_acc:.3f} | |")
+display(Markdown("\n".join(rows)))
+
+# %%
+ACC = results["pretrained", "CLS ‖ mean patch (official)"]
+ACC_CLS = results["pretrained", "CLS only"]
+KNN = knn["pretrained", "CLS only"]
+RAND = results["random init", "CLS ‖ mean patch (official)"]
+BEST = max(list(results.values()) + list(knn.values()))
+assert BEST < majority_acc + 0.08  # no classifier, on either backbone, clearly beats the majority class
+assert min(ACC, ACC_CLS, KNN) > 0.15  # and none is far below chance (the pipeline is sane)
+assert abs(ACC - RAND) < 0.15  # pretraining did not separate the shapes: about the same as random init
+print("asserted: the best of all 8 classifiers is within 0.08 of the majority-class baseline; pretrained ≈ random init")
+
+# %% [markdown]
+# ## 5. Which classes get confused?
+# Rows: the true label; columns: the probe's prediction (pretrained backbone, official features, test split),
+# normalised per row so the diagonal is each class's recall.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# predictions of a trained probe: counts can move by one between machines
+pred = predict(best["pretrained", "CLS ‖ mean patch (official)"], feats["pretrained"]["test"])
+assert int(y["test"].min()) > 0 and int(pred.min()) > 0  # no image is all background: drop class 0
+cm = confusion_matrix(pred, y["test"], NUM_CLASSES)[1:, 1:]
+assert int(cm.sum()) == N_TEST
+cm_norm = cm.float() / cm.sum(1, keepdim=True).clamp_min(1)
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=70, gridspec_kw=dict(width_ratios=[1.1, 1]))
+ax = axes[0]
+im = ax.imshow(cm_norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+names = CLASS_NAMES[1:]
+ax.set_xticks(range(5), names, fontsize=8, rotation=30)
+ax.set_yticks(range(5), names, fontsize=8)
+for i in range(5):
+    for j in range(5):
+        ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                color="white" if cm_norm[i, j] > 0.5 else "black")
+ax.set_xlabel("predicted", fontsize=8)
+ax.set_ylabel("true label", fontsize=8)
+ax.set_title("linear probe, pretrained (counts; colour = row share)", fontsize=9)
+fig.colorbar(im, ax=ax, fraction=0.046)
+ax = axes[1]
+recall = cm_norm.diag()
+ax.bar(range(5), recall.numpy(), color=[MASK_COLORS[c].numpy() for c in range(1, 6)], edgecolor="k")
+ax.axhline(0.2, color="0.5", ls=":", label="chance (0.2)")
+ax.set_xticks(range(5), names, fontsize=8, rotation=30)
+ax.set_ylim(0, 1)
+ax.set_title("per-class recall", fontsize=9)
+ax.legend(fontsize=7)
+plt.tight_layout()
+plt.show()
+top2 = counts[1:].topk(2).indices + 1
+print(f"predictions that are one of the two most frequent training labels ({', '.join(CLASS_NAMES[c] for c in top2)}): "
+      f"{100 * torch.isin(pred, top2).float().mean():.0f} % (their share of the true test labels: "
+      f"{100 * torch.isin(y['test'], top2).float().mean():.0f} %)")
+
+# %% [markdown]
+# The pattern of errors says more than the total: the probe answers mostly with the frequent labels, whatever the true
+# shape. It has learned the class frequencies, not the shapes; the rare thin shapes (triangle, star) are almost never
+# recognised.
+#
+# ## Result
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+result = {"acc": round(ACC, 4), "acc_cls_only": round(ACC_CLS, 4), "knn_acc": round(KNN, 4),
+          "knn_acc_cls_meanpatch": round(knn["pretrained", "CLS ‖ mean patch (official)"], 4),
+          "acc_random_init": round(RAND, 4), "acc_cls_only_random_init": round(results["random init", "CLS only"], 4),
+          "knn_acc_random_init": round(knn["random init", "CLS only"], 4), "majority_acc": round(majority_acc, 4),
+          "n_train": N_TRAIN, "n_val": N_VAL, "n_test": N_TEST, "split_reported": "test"}
+print("RESULT " + json.dumps(result))
+
+# %% [markdown]
+# ### The issue's goal, and what would reach it
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+display(Markdown(
+    f"**Goal** (issue 5): accuracy ≥ 0.95. **Measured** on {N_TEST} test images: linear probe on CLS ‖ mean patch "
+    f"{ACC:.3f}, on CLS only {ACC_CLS:.3f}, k-NN (CLS) {KNN:.3f}; the same probe on the random-init backbone {RAND:.3f}; "
+    f"always predicting the majority class {majority_acc:.3f}. The goal is **{'reached' if ACC >= 0.95 else 'not reached'}**,"
+    f" by far: the best of the {len(results) + len(knn)} classifiers above scores {BEST:.3f}, "
+    f"{BEST - majority_acc:+.3f} from the majority-class baseline: these global features carry no shape information "
+    f"that a linear probe or a k-NN can use.\n\n"
+    f"Why: the backbone was pretrained for 500 steps on 2 CPU cores (`data/README.md`); DINO-style training needs tens "
+    f"of thousands of steps at large batch before categories emerge, and at 128 px the labelled shape covers a median "
+    f"of only {share.median() * S * S / 256:.1f} patches, next to distractor shapes. Pretraining did not separate the "
+    f"shapes: the probe on random-init features does as well. What would reach the goal: a backbone pretrained much "
+    f"longer (a GPU; `python -m dinolab.pretrain` with more steps and a larger batch), larger images (more patches per "
+    f"shape), or training the backbone on the labels (fine-tuning, or LoRA as in notebook 13). For scale: the "
+    f"official README's fast setup (ViT-L/16 pretrained on ImageNet-1k, 32 H100s for about 14 h) reaches 82.0 % k-NN "
+    f"and 83.5 % linear-probe accuracy on ImageNet's 1,000 classes."))
+
+# %% [markdown]
+# ## Summary
+#
+# The shapes through the official probe (`dinolab.trace`, two test images; the head takes the (patch tokens, CLS)
+# pairs of `get_intermediate_layers`):
+
+# %%
+probe = best["pretrained", "CLS ‖ mean patch (official)"]
+two = [(p[:2].to(DEVICE), c[:2].to(DEVICE)) for p, c in feats["pretrained"]["test"]]
+display(trace.trace(probe, two))
+print(f"LinearClassifier: in {probe.out_dim} = 2 × D, out {probe.num_classes} classes, {count_params(probe):,} parameters")
+
+# %% [markdown]
+# **What to remember**
+#
+# * Linear probe and k-NN measure a **frozen** backbone: the backbone's features, not the classifier, are what is
+#   evaluated. The official probe input is `[CLS ‖ mean patch]` of the last block (2D), `nn.Linear` with N(0, 0.01)
+#   init, SGD over a grid of learning rates; the k-NN uses cosine similarity, k = 20, votes weighted by exp(sim / 0.07).
+# * Always read the **label definition** and compute the **trivial baselines** (majority class, random-init backbone)
+#   before reading an accuracy. Here the label is the shape covering most pixels.
+# * Choose hyperparameters on one split and report on another: the official recipe picks the best of its
+#   learning-rate grid on the evaluation set itself, which is slightly optimistic.
+# * Our tiny backbone is at chance level on shapes, as `data/README.md` says: short CPU pretraining does not make a
+#   semantic representation. The probes above show it in numbers; they are the tool you would use to see it change.
+#
+# **Exercises**
+#
+# 1. Add the official `use_n_blocks=4` variant (CLS of the last four blocks ‖ mean patch, 5D features). Does it help?
+# 2. Probe every block separately (CLS and mean patch of block 0, 1, …, 5). Which block is most linearly separable?
+# 3. Fit the probe on raw pixels (the image average-pooled to 16 × 16). How does it compare with the backbone?
+# 4. Make the task easier: `ShapesWorld(n_objects=(1, 1))` (one shape per image) or crop around the largest object
+#    (the boxes are in the batch). How much of the gap is the distractors, how much the features?
+# 5. With a GPU, pretrain the tiny backbone 20× longer (`python -m dinolab.pretrain`, see `PretrainConfig`) and rerun
+#    this notebook with `DINOLAB_CKPT` pointing at it.
