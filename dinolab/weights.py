@@ -16,6 +16,7 @@ off the tensors (and config.json when there is one). Nothing is ever unpickled a
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +27,23 @@ from torch import Tensor
 from .block import swiglu_hidden_dim
 
 StateDict = dict[str, Tensor]
+
+
+TINY_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "dinov3_tiny_shapesworld.pth"
+
+
+def tiny_checkpoint() -> Path:
+    """Path of the tiny ShapesWorld-pretrained ``dinov3_vittiny16`` the downstream notebooks start from.
+
+    ``data/dinov3_tiny_shapesworld.pth`` of this repository, or the file the environment variable
+    ``DINOLAB_CKPT`` names. Raises ``FileNotFoundError`` (naming the file and how to rebuild it) when it is absent.
+    """
+    path = Path(os.environ.get("DINOLAB_CKPT", TINY_CHECKPOINT))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: make it with `python -m dinolab.pretrain --out "
+                                "data/dinov3_tiny_shapesworld.pth` from the repository root (recipe and sha256 in "
+                                "data/README.md), or point DINOLAB_CKPT at a dinov3_vittiny16 checkpoint")
+    return path
 
 
 class CheckpointError(ValueError):

@@ -121,3 +121,17 @@ def test_official_to_hf_uses_the_effective_masked_bias():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x))
+
+
+def test_tiny_checkpoint_finds_the_shipped_file_or_names_the_missing_one(tmp_path, monkeypatch):
+    from dinolab.weights import TINY_CHECKPOINT, tiny_checkpoint
+
+    monkeypatch.delenv("DINOLAB_CKPT", raising=False)
+    assert tiny_checkpoint() == TINY_CHECKPOINT and TINY_CHECKPOINT.exists()
+    other = tmp_path / "mine.pth"
+    other.write_bytes(b"")
+    monkeypatch.setenv("DINOLAB_CKPT", str(other))
+    assert tiny_checkpoint() == other
+    monkeypatch.setenv("DINOLAB_CKPT", str(tmp_path / "absent.pth"))
+    with pytest.raises(FileNotFoundError, match="absent.pth is missing.*DINOLAB_CKPT"):
+        tiny_checkpoint()

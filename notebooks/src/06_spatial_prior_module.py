@@ -32,8 +32,6 @@ display(Markdown(viz.series_map("06")))
 # %%
 import copy
 import json
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -48,6 +46,7 @@ from dinolab.data import MASK_COLORS, NUM_CLASSES, ShapesWorld
 from dinolab.trace import Trace, trace
 from dinolab.train import boundaries, boundary_fscore, miou
 from dinolab.utils import count_params, get_device, seed_everything
+from dinolab.weights import tiny_checkpoint
 
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
@@ -56,11 +55,7 @@ plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 torch.set_printoptions(precision=4, sci_mode=False)
 print("device type:", DEVICE.type)
 
-CKPT = Path(os.environ.get("DINOLAB_CKPT", Path("..") / "data" / "dinov3_tiny_shapesworld.pth"))
-if not CKPT.exists():
-    raise FileNotFoundError(f"{CKPT} is missing: make it with `python -m dinolab.pretrain --out "
-                            "data/dinov3_tiny_shapesworld.pth` from the repository root (recipe and sha256 in "
-                            "data/README.md), or point DINOLAB_CKPT at a dinov3_vittiny16 checkpoint")
+CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
 # %% [markdown]
 # ## 1. The layers

@@ -32,9 +32,7 @@ display(Markdown(viz.series_map("09")))
 
 # %%
 import math
-import os
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -53,6 +51,7 @@ from dinolab.pixel_decoder import (
 from dinolab.trace import trace
 from dinolab.train import boundaries, boundary_fscore, miou
 from dinolab.utils import count_params, get_device, seed_everything
+from dinolab.weights import tiny_checkpoint
 
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})  # small figures: a light notebook
 seed_everything(0)
@@ -60,10 +59,7 @@ DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a reader with a GPU can raise this: more images and training steps in section 4
 print("device type:", DEVICE.type)
 
-CKPT = Path(os.environ.get("DINOLAB_CKPT", Path("..") / "data" / "dinov3_tiny_shapesworld.pth"))
-if not CKPT.exists():
-    raise FileNotFoundError(f"{CKPT} is missing: make it with `python -m dinolab.pretrain` from the repository root "
-                            "(recipe and sha256 in data/README.md), or point DINOLAB_CKPT at a checkpoint")
+CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
 # %% [markdown]
 # ## 1. The seed's shape table, checked on the `meta` device

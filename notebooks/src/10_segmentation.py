@@ -30,9 +30,7 @@ display(Markdown(viz.series_map("10")))
 
 # %%
 import json
-import os
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -46,6 +44,7 @@ from dinolab.pixel_decoder import MSDeformAttnPixelDecoder
 from dinolab.trace import trace
 from dinolab.train import boundary_fscore, extract_features, fit, miou
 from dinolab.utils import count_params, get_device, seed_everything
+from dinolab.weights import tiny_checkpoint
 
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})  # small figures: a light notebook
 seed_everything(0)
@@ -53,10 +52,7 @@ DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a reader with a GPU can raise this: more images and more training steps
 print("device type:", DEVICE.type)
 
-CKPT = Path(os.environ.get("DINOLAB_CKPT", Path("..") / "data" / "dinov3_tiny_shapesworld.pth"))
-if not CKPT.exists():
-    raise FileNotFoundError(f"{CKPT} is missing: make it with `python -m dinolab.pretrain` from the repository root "
-                            "(recipe and sha256 in data/README.md), or point DINOLAB_CKPT at a checkpoint")
+CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
 # %% [markdown]
 # ## 1. Data and the frozen backbone

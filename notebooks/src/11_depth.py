@@ -35,7 +35,6 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE":
 import json
 import math
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -46,16 +45,14 @@ from dinolab.data import ShapesWorld
 from dinolab.heads import DPTHead, FeaturesToDepth, LinearHead, SigLoss, bin_weights, depth_bins
 from dinolab.train import absrel, delta1, extract_features, fit, rmse
 from dinolab.utils import count_params, get_device, seed_everything
+from dinolab.weights import tiny_checkpoint
 
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a GPU reader can raise this: more training images and more steps in section 6
 print("device type:", DEVICE.type)
 
-CKPT = Path(os.environ.get("DINOLAB_CKPT", Path("..") / "data" / "dinov3_tiny_shapesworld.pth"))
-if not CKPT.exists():
-    raise FileNotFoundError(f"{CKPT} is missing: make it with `python -m dinolab.pretrain --out "
-                            f"data/dinov3_tiny_shapesworld.pth` from the repository root (recipe in data/README.md)")
+CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 backbone = vit.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
 D, DEPTH = backbone.embed_dim, len(backbone.blocks)
 print(f"pretrained tiny backbone: D={D}, {DEPTH} blocks, {count_params(backbone):,} parameters (frozen)")

@@ -31,7 +31,6 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE":
     os.environ.setdefault(k, v)
 
 import json
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -42,16 +41,14 @@ from dinolab.data import CLASS_NAMES, MASK_COLORS, NUM_CLASSES, ShapesWorld
 from dinolab.heads import LinearClassifier, create_linear_input, knn_accuracy, knn_predict
 from dinolab.train import confusion_matrix, extract_features
 from dinolab.utils import count_params, get_device, seed_everything
+from dinolab.weights import tiny_checkpoint
 
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a GPU reader can raise this: more training images
 print("device type:", DEVICE.type)
 
-CKPT = Path(os.environ.get("DINOLAB_CKPT", Path("..") / "data" / "dinov3_tiny_shapesworld.pth"))
-if not CKPT.exists():
-    raise FileNotFoundError(f"{CKPT} is missing: make it with `python -m dinolab.pretrain --out "
-                            f"data/dinov3_tiny_shapesworld.pth` from the repository root (recipe in data/README.md)")
+CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 backbone = vit.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
 D = backbone.embed_dim
 print(f"pretrained tiny backbone: D={D}, {len(backbone.blocks)} blocks, {count_params(backbone):,} parameters (frozen)")

@@ -38,7 +38,6 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE
 import json
 import math
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -52,17 +51,14 @@ from dinolab.data import ShapesWorld
 from dinolab.heads import LinearHead
 from dinolab.train import extract_features, fit, miou
 from dinolab.utils import count_params, get_device, seed_everything
+from dinolab.weights import tiny_checkpoint
 
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a GPU reader can raise this: more images and more steps in section 5
 print("device type:", DEVICE.type)
 
-CKPT = Path(os.environ.get("DINOLAB_CKPT", Path("..") / "data" / "dinov3_tiny_shapesworld.pth"))
-if not CKPT.exists():
-    raise FileNotFoundError(f"{CKPT} is missing: make it with `python -m dinolab.pretrain --out "
-                            f"data/dinov3_tiny_shapesworld.pth` from the repository root (recipe in data/README.md), "
-                            f"or point DINOLAB_CKPT at a dinov3_vittiny16 checkpoint")
+CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 pretrained = vit.dinov3_vittiny16(weights=CKPT).eval()
 D, DEPTH = pretrained.embed_dim, len(pretrained.blocks)
 print(f"pretrained tiny backbone: D={D}, {DEPTH} blocks, {count_params(pretrained):,} parameters")
