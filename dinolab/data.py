@@ -343,6 +343,9 @@ class ShapesWorld(torch.utils.data.Dataset):
         size: image side in pixels (any int >= 32). The scene itself does not depend on it.
         n_objects: (min, max) objects per scene, 0 <= min <= max <= 16.
         num_samples: ``len(ds)``. Defaults to 8192 for train and 1024 for val/test.
+        object_scale: multiplies every object's size in metres (a float in [0.25, 4]). 1.0, the
+            default, gives the scenes of the module doc; larger values make the shapes easier to
+            tell apart (notebook 05 pretrains at 2.0). Layout and appearance draws are unchanged.
         classes: which shapes may appear. Class ids stay the global ones of ``CLASS_NAMES``
             (a "star"-only dataset still labels stars 4), so models transfer between subsets.
         seed: any int >= 0. Changes every scene.
@@ -378,6 +381,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         size: int = 128,
         n_objects: tuple[int, int] = (1, 4),
         num_samples: int | None = None,
+        object_scale: float = 1.0,
         classes: Sequence[str] = SHAPES,
         seed: int = 0,
         domain: str = "source",
@@ -398,6 +402,9 @@ class ShapesWorld(torch.utils.data.Dataset):
             raise ValueError(f"n_objects must be a (min, max) pair of ints, got {n_objects!r}") from None
         if not 0 <= lo <= hi <= _MAX_OBJECTS:
             raise ValueError(f"n_objects must satisfy 0 <= min <= max <= {_MAX_OBJECTS}, got {n_objects!r}")
+        if isinstance(object_scale, bool) or not isinstance(object_scale, (int, float)) or not (
+                0.25 <= object_scale <= 4.0):
+            raise ValueError(f"object_scale must be a number in [0.25, 4], got {object_scale!r}")
         if num_samples is None:
             num_samples = _DEFAULT_NUM_SAMPLES[split]
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 0 < num_samples <= 1 << 30:
@@ -425,6 +432,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         self.size = size
         self.n_objects = (lo, hi)
         self.num_samples = num_samples
+        self.object_scale = float(object_scale)
         self.classes = _check_choice("classes", "class", classes, SHAPES)
         self.seed = seed
         self.domain = domain
@@ -452,6 +460,7 @@ class ShapesWorld(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesWorld(split={self.split!r}, size={self.size}, n_objects={self.n_objects}, "
+            f"object_scale={self.object_scale}, "
             f"num_samples={self.num_samples}, classes={self.classes}, seed={self.seed}, "
             f"domain={self.domain!r}, palette={self.palette!r}, textures={self.textures})"
         )
@@ -499,7 +508,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         """The same dataset (split, size, seed, ...) in the "shifted" domain; kwargs override."""
         kw = dict(
             split=self.split, size=self.size, n_objects=self.n_objects, num_samples=self.num_samples,
-            classes=self.classes, seed=self.seed, domain="shifted", chunk_size=self.chunk_size, threads=self.threads,
+            object_scale=self.object_scale, classes=self.classes, seed=self.seed, domain="shifted", chunk_size=self.chunk_size, threads=self.threads,
         )
         kw.update(overrides)
         return ShapesWorld(**kw)
@@ -532,6 +541,24 @@ class ShapesWorld(torch.utils.data.Dataset):
         finally:
             if torch.get_num_threads() != prev:
                 torch.set_num_threads(prev)
+
+    def scene_attributes(self, indices: Iterable[int] | Tensor) -> dict[str, Tensor]:
+        """The nuisance factors of samples ``indices``: what a scene has besides its shapes.
+
+        Cheap (no pixels are rendered). Each value has one entry per sample:
+        ``n_objects`` (int64, objects placed, visible or not), ``floor_texture`` and
+        ``wall_texture`` (int64 indices into ``FLOOR_TEXTURES`` / ``WALL_TEXTURES``) and
+        ``floor_hue`` (float32 in [0, 1), a fraction of the colour wheel). None of them depends on
+        the class label, so a feature that predicts them well but the label badly has learned
+        the scene's look, not its shapes (notebook 05).
+        """
+        idx = _index_tensor(indices)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_samples):
+            bad = idx[(idx < 0) | (idx >= self.num_samples)][0].item()
+            raise IndexError(f"index {bad} is out of range for {self.split!r} split of length {self.num_samples}")
+        p = self._scene(_sample_keys(self.split, self.seed, idx))
+        return {"n_objects": p["active"].sum(1), "floor_texture": p["f_tex"].clone(),
+                "wall_texture": p["w_tex"].clone(), "floor_hue": p["floor_hue"].float()}
 
     def _batch(self, keys: Tensor, layers: bool) -> dict[str, Tensor]:
         B, S, N = len(keys), self.size, self.n_objects[1]
@@ -622,7 +649,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         yb_min = (y_h + hf / (0.55 * z_wall))[:, None]
         y_b = yb_min + (1.0 - yb_min) * ou[..., 1]
         z_obj = hf[:, None] / (y_b - y_h[:, None])
-        r_m = 0.18 + 0.18 * ou[..., 2]  # radius in metres
+        r_m = (0.18 + 0.18 * ou[..., 2]) * self.object_scale  # radius in metres
         r = torch.clamp(_FOCAL * r_m / z_obj, min=0.025)  # radius in image heights
         x_c = 0.06 + 0.88 * ou[..., 3]
         ang = torch.clamp(torch.floor(ou[..., 4] * _ANGLES).long(), max=_ANGLES - 1)
@@ -676,7 +703,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         return dict(
             obj,
             y_w=y_w, z_wall=z_wall, z_bot=z_bot, z_floor=z_floor, bg_z=bg_z, floor_row=(ys > y_w.view(B, 1, 1)).float(),
-            f1=f1, f2=f2, w1=w1, w2=w2, f_tex=f_tex, tile=tile,
+            f1=f1, f2=f2, w1=w1, w2=w2, f_tex=f_tex, tile=tile, floor_hue=hue,
             w_tex=pick(self._wall_ids, sb[:, 11]), w_freq=6.0 + 14.0 * sb[:, 12],
         )
 

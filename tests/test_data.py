@@ -5,10 +5,12 @@ import torch
 from dinolab.data import (
     CLASS_NAMES,
     DOMAINS,
+    FLOOR_TEXTURES,
     MASK_COLORS,
     NUM_CLASSES,
     PALETTES,
     SHAPES,
+    WALL_TEXTURES,
     ShapesWorld,
     _sample_keys,
     load_split,
@@ -189,6 +191,34 @@ def test_same_scene_at_every_size():
     assert torch.equal(small["label"], big["label"])
 
 
+def test_object_scale_grows_objects_in_place():
+    small = ShapesWorld("val", size=SIZE, n_objects=(1, 1)).batch(range(32))
+    big = ShapesWorld("val", size=SIZE, n_objects=(1, 1), object_scale=2.0).batch(range(32))
+    assert torch.equal(small["label"], big["label"])  # the same single object, only larger
+    area = lambda b: (b["mask"] > 0).flatten(1).sum(1).float()  # noqa: E731
+    grown = area(big) / area(small).clamp_min(1)
+    assert grown.median() > 2.5  # twice the radius: about 4x the area (less where it leaves the frame)
+
+
+def test_scene_attributes_describe_the_rendered_scene():
+    ds = ShapesWorld("val", size=SIZE, n_objects=(0, 3))
+    a = ds.scene_attributes(range(64))
+    layers = ds.batch(range(64), layers=True)
+    assert torch.equal(a["n_objects"], (layers["object_class"] > 0).sum(1))  # placed objects = used slots
+    assert set(a["n_objects"].tolist()) == {0, 1, 2, 3}
+    assert ((a["floor_hue"] >= 0) & (a["floor_hue"] < 1)).all() and a["floor_hue"].std() > 0.1
+    only = lambda **kw: ShapesWorld("val", size=SIZE, **kw).scene_attributes(range(16))  # noqa: E731
+    assert (only(floor_textures=("planks",))["floor_texture"] == FLOOR_TEXTURES.index("planks")).all()
+    assert (only(wall_textures=("stripes",))["wall_texture"] == WALL_TEXTURES.index("stripes")).all()
+    # the floor's hue is the hue of its rendered pixels: bottom rows of hue-bin-0 vs hue-bin-3 scenes differ
+    img = ds.batch(range(64))["image"][:, :, -8:].mean((2, 3))  # (64, 3) mean floor colour
+    warm, cool = a["floor_hue"] < 0.08, (a["floor_hue"] > 0.45) & (a["floor_hue"] < 0.6)
+    assert warm.any() and cool.any()
+    assert img[warm, 0].mean() > img[cool, 0].mean()  # red-ish floors have more red than cyan-ish ones
+    with pytest.raises(IndexError, match="out of range"):
+        ds.scene_attributes([64 * 1024])
+
+
 def test_shifted_domain_changes_appearance_not_layout():
     src = ShapesWorld("train", size=SIZE, num_samples=64)
     for shifted in (src.shifted(), ShapesWorld("train", size=SIZE, num_samples=64, domain="shifted")):
@@ -222,6 +252,9 @@ def test_shifted_domain_changes_appearance_not_layout():
         (dict(palette="neon"), "palette"),
         (dict(textures=("plaid",)), "plaid"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(object_scale=0.1), "object_scale"),
+        (dict(object_scale=True), "object_scale"),
+        (dict(object_scale="2"), "object_scale"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
