@@ -50,6 +50,14 @@ class PretrainConfig:
     arch: str = "dinov3_vittiny16"
     image_size: int = 128  # ShapesWorld render size
     max_objects: int = 4  # ShapesWorld scenes hold 1..max_objects objects
+    # Two knobs for experiments (the shipped run keeps both at their defaults): larger objects
+    # (ShapesWorld(object_scale=...)) and a wider colour-jitter hue range (official 0.1; 0.5 turns the
+    # whole colour wheel), both meant to make shape, not colour, what two crops of one image share.
+    object_scale: float = 1.0
+    hue: float = 0.1
+    # Any other MultiCropAugmentation keyword, e.g. {"color_jitter_p": 0.0, "solarize_p": 0.0}
+    # (tools/pretrain_pilot.py uses it to show what colour augmentation does to a short run).
+    augment: dict = field(default_factory=dict)
     global_size: int = 96  # 6 x 6 patches
     local_size: int = 48  # 3 x 3 patches
     n_local: int = 4
@@ -176,9 +184,10 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print) -> dict
     mom_sched = ssl.cosine_schedule(cfg.momentum[0], cfg.momentum[1], total)
     temp_sched = ssl.linear_warmup_then_constant(cfg.teacher_temp[0], cfg.teacher_temp[1], total,
                                                  min(cfg.teacher_temp_warmup, total // 3))
-    aug = ssl.MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local)
+    aug = ssl.MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
+                                    **{"hue": cfg.hue, **cfg.augment})
     data = ShapesWorld("train", size=cfg.image_size, n_objects=(1, cfg.max_objects), num_samples=1 << 30,
-                       seed=cfg.data_seed)
+                       object_scale=cfg.object_scale, seed=cfg.data_seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank)
     dino_loss, ibot_loss, koleo, gram = ssl.DINOLoss(cfg.head_out_dim), ssl.iBOTPatchLoss(), ssl.KoLeoLoss(), ssl.GramLoss(
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                  "image_size", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "warmup_steps",
                  "teacher_temp_warmup", "max_objects"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "gram_weight", "koleo_weight", "ibot_weight", "layerscale_init"):
+    for name in ("lr", "gram_weight", "koleo_weight", "ibot_weight", "layerscale_init", "object_scale", "hue"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
     args = ap.parse_args(argv)

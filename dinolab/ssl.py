@@ -814,6 +814,8 @@ class MultiCropAugmentation:
             raise ValueError("probabilities must be in [0, 1] and blur_p must have 3 entries")
         if blur_kernel_size % 2 != 1 or blur_kernel_size // 2 >= local_size:
             raise ValueError(f"blur_kernel_size must be odd and smaller than the crops, got {blur_kernel_size}")
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5] (a fraction of the colour wheel, either way), got {hue!r}")
         if interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local

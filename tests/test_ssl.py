@@ -513,6 +513,8 @@ def test_multicrop_bad_inputs():
         MultiCropAugmentation(global_size=100)
     with pytest.raises(ValueError):
         MultiCropAugmentation(global_scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="hue"):
+        MultiCropAugmentation(hue=0.7)
     aug = MultiCropAugmentation(global_size=16, local_size=16, n_local=1)
     with pytest.raises(ValueError, match="3 channels"):
         aug(torch.rand(2, 1, 32, 32))
