@@ -345,7 +345,8 @@ class ShapesWorld(torch.utils.data.Dataset):
         num_samples: ``len(ds)``. Defaults to 8192 for train and 1024 for val/test.
         object_scale: multiplies every object's size in metres (a float in [0.25, 4]). 1.0, the
             default, gives the scenes of the module doc; larger values make the shapes easier to
-            tell apart (notebook 05 pretrains at 2.0). Layout and appearance draws are unchanged.
+            tell apart (the pretraining pilots in data/README.md use 2 and 3). Layout and appearance draws
+            are unchanged.
         classes: which shapes may appear. Class ids stay the global ones of ``CLASS_NAMES``
             (a "star"-only dataset still labels stars 4), so models transfer between subsets.
         seed: any int >= 0. Changes every scene.
@@ -508,7 +509,8 @@ class ShapesWorld(torch.utils.data.Dataset):
         """The same dataset (split, size, seed, ...) in the "shifted" domain; kwargs override."""
         kw = dict(
             split=self.split, size=self.size, n_objects=self.n_objects, num_samples=self.num_samples,
-            object_scale=self.object_scale, classes=self.classes, seed=self.seed, domain="shifted", chunk_size=self.chunk_size, threads=self.threads,
+            object_scale=self.object_scale, classes=self.classes, seed=self.seed, domain="shifted",
+            chunk_size=self.chunk_size, threads=self.threads,
         )
         kw.update(overrides)
         return ShapesWorld(**kw)
