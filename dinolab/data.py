@@ -530,11 +530,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         far to near), ``background_depth`` (B, S, S), ``object_depth`` (B, N, S, S) (+inf
         outside object j) and ``object_class`` (B, N) (0 for unused slots).
         """
-        idx = _index_tensor(indices)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_samples):
-            bad = idx[(idx < 0) | (idx >= self.num_samples)][0].item()
-            raise IndexError(f"index {bad} is out of range for {self.split!r} split of length {self.num_samples}")
-        keys = _sample_keys(self.split, self.seed, idx)
+        keys = self._keys(indices)
         prev = torch.get_num_threads()
         if self.threads is not None and self.threads != prev:
             torch.set_num_threads(self.threads)
@@ -543,6 +539,14 @@ class ShapesWorld(torch.utils.data.Dataset):
         finally:
             if torch.get_num_threads() != prev:
                 torch.set_num_threads(prev)
+
+    def _keys(self, indices: Iterable[int] | Tensor) -> Tensor:
+        """Sample keys of ``indices``, after checking that every index is in range."""
+        idx = _index_tensor(indices)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_samples):
+            bad = idx[(idx < 0) | (idx >= self.num_samples)][0].item()
+            raise IndexError(f"index {bad} is out of range for {self.split!r} split of length {self.num_samples}")
+        return _sample_keys(self.split, self.seed, idx)
 
     def scene_attributes(self, indices: Iterable[int] | Tensor) -> dict[str, Tensor]:
         """The nuisance factors of samples ``indices``: what a scene has besides its shapes.
@@ -554,11 +558,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         the class label, so a feature that predicts them well but the label badly has learned
         the scene's look, not its shapes (notebook 05).
         """
-        idx = _index_tensor(indices)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_samples):
-            bad = idx[(idx < 0) | (idx >= self.num_samples)][0].item()
-            raise IndexError(f"index {bad} is out of range for {self.split!r} split of length {self.num_samples}")
-        p = self._scene(_sample_keys(self.split, self.seed, idx))
+        p = self._scene(self._keys(indices))
         return {"n_objects": p["active"].sum(1), "floor_texture": p["f_tex"].clone(),
                 "wall_texture": p["w_tex"].clone(), "floor_hue": p["floor_hue"].float()}
 

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinolab import ssl, viz  # noqa: E402
+from dinolab import ssl  # noqa: E402
 from dinolab.data import ShapesWorld  # noqa: E402
 from dinolab.heads import knn_accuracy  # noqa: E402
 from dinolab.pretrain import PretrainConfig, Student, train  # noqa: E402
+from dinolab.train import extract_features  # noqa: E402
 
 
 def entropy(p: torch.Tensor) -> float:
@@ -93,11 +94,8 @@ def main(argv=None) -> None:
             "label": b["label"], "floor hue (6 bins)": (a["floor_hue"] * 6).long().clamp(max=5),
             "floor texture": a["floor_texture"], "wall texture": a["wall_texture"], "objects placed": a["n_objects"]})
 
-    @torch.inference_mode()
     def knn(model) -> dict:
-        model.eval()
-        f = {s: torch.cat([model.forward_features(viz.normalize(x[i:i + 256]))["x_norm_clstoken"]
-                           for i in range(0, len(x), 256)]) for s, (x, _) in data.items()}
+        f = {s: extract_features(model, x, layers=1, batch_size=256, normalize=True)[0][1] for s, (x, _) in data.items()}
         return {k: round(knn_accuracy(f["train"], data["train"][1][k], f["val"], data["val"][1][k], k=20, T=0.07), 3)
                 for k in data["train"][1]}
 
