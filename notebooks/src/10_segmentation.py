@@ -296,8 +296,7 @@ with torch.no_grad():
     model_rgb.adapter.backbone.rows = torch.arange(4)
     out_cached = model_rgb(x_check)
 torch.testing.assert_close(out_cached, out_real, atol=1e-4, rtol=1e-4)
-print(f"logits {tuple(out_real.shape)}: cached backbone == real backbone "
-      f"(max difference {(out_cached - out_real).abs().max():.1e})")
+print(f"logits {tuple(out_real.shape)}: cached backbone == real backbone (within 1e-4)")
 
 
 # %% [markdown]

@@ -641,7 +641,8 @@ n7b_lora = lora.lora_param_count(4096, 40, 4)
 print(f"saved activations: LoRA / full = {mem['LoRA r=4 (q, v)']['act'] / mem['full fine-tuning']['act']:.2f}")
 print(f"ViT-7B, fp32, before activations: full fine-tuning {16 * n7b / 1e9:.1f} GB (weights + grads + 2 AdamW moments); "
       f"LoRA r=4 {(4 * n7b + 16 * n7b_lora) / 1e9:.1f} GB (frozen weights {4 * n7b / 1e9:.1f} GB + {16 * n7b_lora / 1e6:.0f} MB)")
-#
+
+# %% [markdown]
 # ### 5.6 Step time
 #
 # Measured during training above (wall clock, so it depends on the machine; not compared by CI):
@@ -734,8 +735,9 @@ with torch.no_grad():
     lora.merge_lora(bb_lora)
     y_after = lora_model(x_check)
     tokens_after = bb_lora.forward_features(x_check)["x_norm_patchtokens"]
-print("logits", tuple(y_after.shape), f"max |merged - unmerged| = {(y_after - y_before).abs().max():.1e} (logits), "
-      f"{(tokens_after - tokens_before).abs().max():.1e} (tokens)")
+# The size of the difference is float rounding (it changes with the machine), so print the statement, not the number.
+print("logits", tuple(y_after.shape), "| max |merged - unmerged| < 1e-4 for logits and patch tokens:",
+      bool((y_after - y_before).abs().max() < 1e-4 and (tokens_after - tokens_before).abs().max() < 1e-4))
 torch.testing.assert_close(y_after, y_before, rtol=1e-4, atol=1e-4)
 torch.testing.assert_close(tokens_after, tokens_before, rtol=1e-4, atol=1e-4)
 assert all(m.merged for m in lora.lora_modules(bb_lora).values())
