@@ -522,8 +522,16 @@ class ShapesWorld(torch.utils.data.Dataset):
             raise IndexError(f"range [{start}, {start + n}) is outside the dataset (len {len(self)})")
         return self.batch(torch.arange(start, start + n))
 
-    def batch(self, indices: Iterable[int] | Tensor, layers: bool = False) -> dict[str, Tensor]:
+    def batch(self, indices: Iterable[int] | Tensor, layers: bool = False,
+              appearance: int | Tensor = 0) -> dict[str, Tensor]:
         """Render the given indices into stacked tensors (see the class docstring).
+
+        ``appearance`` (an int >= 0, or one per index): 0 renders each scene as it is; any other
+        value re-draws everything that is only appearance (object and background colours, textures,
+        texture noise, grain) from that number, and keeps the layout (camera, objects, classes,
+        positions, sizes, so the mask, depth, label and boxes) exactly. Two renders of one scene with
+        different ``appearance`` share their shapes and nothing of their colours: the pretraining
+        views of notebook 05.
 
         ``layers=True`` also returns the render's intermediate layers, for tests and figures:
         ``instance`` (B, S, S) int64 (0 = background, j + 1 = object slot j, slots are sorted
@@ -531,11 +539,17 @@ class ShapesWorld(torch.utils.data.Dataset):
         outside object j) and ``object_class`` (B, N) (0 for unused slots).
         """
         keys = self._keys(indices)
+        app = torch.as_tensor(appearance)
+        if (app.is_floating_point() or app.dtype == torch.bool or app.ndim > 1 or (app.ndim == 1 and len(app) != len(keys))
+                or (app < 0).any()):
+            raise ValueError(f"appearance must be an int >= 0 or one int >= 0 per index ({len(keys)}), got {appearance!r}")
+        app = app.to(torch.int64)
+        app_keys = torch.where(app == 0, keys, _hash32(keys ^ _hash32((app & _M32) ^ 0x5BD1E995)))
         prev = torch.get_num_threads()
         if self.threads is not None and self.threads != prev:
             torch.set_num_threads(self.threads)
         try:
-            return self._batch(keys, layers)
+            return self._batch(keys, layers, app_keys.expand_as(keys))
         finally:
             if torch.get_num_threads() != prev:
                 torch.set_num_threads(prev)
@@ -562,7 +576,8 @@ class ShapesWorld(torch.utils.data.Dataset):
         return {"n_objects": p["active"].sum(1), "floor_texture": p["f_tex"].clone(),
                 "wall_texture": p["w_tex"].clone(), "floor_hue": p["floor_hue"].float()}
 
-    def _batch(self, keys: Tensor, layers: bool) -> dict[str, Tensor]:
+    def _batch(self, keys: Tensor, layers: bool, app_keys: Tensor | None = None) -> dict[str, Tensor]:
+        app_keys = keys if app_keys is None else app_keys
         B, S, N = len(keys), self.size, self.n_objects[1]
         out = {
             "image": torch.empty(B, 3, S, S),
@@ -579,7 +594,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         extras = []
         for c0 in range(0, B, self.chunk_size):
             sl = slice(c0, min(B, c0 + self.chunk_size))
-            extras.append(self._render(keys[sl], {k: v[sl] for k, v in out.items()}, ws, layers))
+            extras.append(self._render(keys[sl], {k: v[sl] for k, v in out.items()}, ws, layers, app_keys[sl]))
         if layers:
             out.update({k: torch.cat([e[k] for e in extras]) for k in extras[0]} if extras else {})
         return out
@@ -589,18 +604,19 @@ class ShapesWorld(torch.utils.data.Dataset):
     # bool -> float casts are ~30x slower than arithmetic, and every fresh pixel-sized buffer
     # costs page faults. So the pixel stages combine float 0/1 masks (bool.view(uint8).float()
     # is fast) in place, in chunks of _PIX_CHUNK samples that stay in cache.
-    def _render(self, keys: Tensor, out: dict[str, Tensor], ws: dict[str, Tensor], layers: bool) -> dict[str, Tensor]:
-        """Render samples ``keys`` into the (sliced) output tensors ``out``."""
+    def _render(self, keys: Tensor, out: dict[str, Tensor], ws: dict[str, Tensor], layers: bool,
+                app_keys: Tensor) -> dict[str, Tensor]:
+        """Render samples ``keys`` (appearance drawn from ``app_keys``) into the sliced outputs ``out``."""
         B, S, N = keys.shape[0], self.size, self.n_objects[1]
-        p = self._scene(keys)
+        p = self._scene(keys, app_keys)
         ws = {k: v[:, :B] if k == "obj_rgb" else v[:B] for k, v in ws.items()}
         noise = ws["noise"]  # texture noise, shared by floor, wall and "noise" objects
         for c0 in range(0, B, _PIX_CHUNK):
-            noise[c0 : c0 + _PIX_CHUNK] = _noise(keys[c0 : c0 + _PIX_CHUNK], S)
+            noise[c0 : c0 + _PIX_CHUNK] = _noise(app_keys[c0 : c0 + _PIX_CHUNK], S)
         cv = self._render_objects(p, out["depth"], out["mask"], ws, layers)
         for c0 in range(0, B, _PIX_CHUNK):
             sl = slice(c0, min(B, c0 + _PIX_CHUNK))
-            self._compose(p, cv, keys, sl, out["image"][sl])
+            self._compose(p, cv, app_keys, sl, out["image"][sl])
 
         cls, area = p["cls"], cv["area"]
         visible = area > 0
@@ -620,12 +636,19 @@ class ShapesWorld(torch.utils.data.Dataset):
             "object_class": cls,
         }
 
-    def _scene(self, keys: Tensor) -> dict[str, Tensor]:
-        """Every random choice of the scenes, as small per-sample / per-object tensors."""
+    def _scene(self, keys: Tensor, app_keys: Tensor | None = None) -> dict[str, Tensor]:
+        """Every random choice of the scenes, as small per-sample / per-object tensors.
+
+        Layout numbers (``su[:, :8]``, ``ou[..., :5]``) come from ``keys``; appearance numbers
+        (``su[:, 8:]``, ``ou[..., 5:]``) from ``app_keys`` (default: ``keys``)."""
         B, S, N = keys.shape[0], self.size, self.n_objects[1]
         pal = self._palette
         su = _uniform(keys, _STREAM[_S_SCENE : _S_SCENE + 32])  # (B, 32)
         ou = _uniform(keys, _STREAM[_S_OBJ : _S_OBJ + 32 * N].view(N, 32))  # (B, N, 32)
+        if app_keys is not None and not torch.equal(app_keys, keys):
+            su = torch.cat([su[:, :8], _uniform(app_keys, _STREAM[_S_SCENE + 8 : _S_SCENE + 32])], 1)
+            ou_app = _uniform(app_keys, _STREAM[_S_OBJ : _S_OBJ + 32 * N].view(N, 32))
+            ou = torch.cat([ou[..., :5], ou_app[..., 5:]], -1)
         def pick(choices: Tensor, u: Tensor) -> Tensor:
             return choices[torch.clamp(torch.floor(u * len(choices)).long(), max=len(choices) - 1)]
 

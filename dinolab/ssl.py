@@ -68,8 +68,7 @@ __all__ = [
     "MultiCropAugmentation",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .utils import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402 - one home for the normalisation
 
 
 # ------------------------------------------------------------------------------------------------
@@ -932,12 +931,13 @@ class MultiCropAugmentation:
         return torch.where(sel & (x >= 128 / 255), 1.0 - x, x)
 
     def _views(self, images: Tensor, n_views: int, size: int, scale, blur_p: Sequence[float],
-               solarize_p: Sequence[float], g) -> tuple[Tensor, Tensor, Tensor]:
+               solarize_p: Sequence[float], g, second: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         B, _, H, W = images.shape
+        source = lambda v: images if second is None or v % 2 == 0 else second  # noqa: E731 - odd views from `second`
         boxes = self.sample_boxes(n_views * B, H, W, scale, g).view(n_views, B, 4)
         flips = (torch.rand(n_views, B, generator=g) < self.hflip_p)
         crops = torch.cat([
-            crop_and_resize(images, boxes[v], size, flips[v], mode=self.interpolation, antialias=self.antialias)
+            crop_and_resize(source(v), boxes[v], size, flips[v], mode=self.interpolation, antialias=self.antialias)
             for v in range(n_views)  # loop over crop index only; each call handles all B images
         ])
         if self.interpolation == "bicubic":
@@ -952,30 +952,27 @@ class MultiCropAugmentation:
             crops = (crops - m) / s
         return crops, boxes, flips
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        _check_ndim("images", images, 4, "(B, 3, H, W)")
-        if images.shape[1] != 3:
-            raise ValueError(f"images must have 3 channels, got shape {tuple(images.shape)}")
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        elif not images.is_floating_point():
-            raise TypeError(f"images must be float in [0, 1] or uint8, got {images.dtype}")
-        else:
-            images = images.float()
-            lo, hi = float(images.min()), float(images.max())
-            if lo < -1e-3 or hi > 1 + 1e-3:
-                raise ValueError(f"float images must be in [0, 1] (not normalised), got range [{lo:.3f}, {hi:.3f}]")
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None,
+                 second: Tensor | None = None) -> dict[str, Tensor]:
+        """``second``: optionally another render of the same scenes (same shape as ``images``, e.g.
+        ``ShapesWorld.batch(idx, appearance=...)``); the second global crop and every odd local crop are
+        then cut from it, so two views of an image share its layout but not its colours."""
+        images = self._check_images("images", images)
+        if second is not None:
+            second = self._check_images("second", second)
+            if second.shape != images.shape:
+                raise ValueError(f"second must have the shape of images {tuple(images.shape)}, got {tuple(second.shape)}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError("generator must be a torch.Generator or None")
         g = generator
         gl, gboxes, gflips = self._views(
-            images, 2, self.global_size, self.global_scale, self.blur_p[:2], (0.0, self.solarize_p), g
+            images, 2, self.global_size, self.global_scale, self.blur_p[:2], (0.0, self.solarize_p), g, second
         )
         out = {"global_crops": gl, "global_boxes": gboxes, "global_flips": gflips}
         if self.n_local:
             lc, lboxes, lflips = self._views(
                 images, self.n_local, self.local_size, self.local_scale,
-                (self.blur_p[2],) * self.n_local, (0.0,) * self.n_local, g,
+                (self.blur_p[2],) * self.n_local, (0.0,) * self.n_local, g, second,
             )
         else:
             B = images.shape[0]
@@ -983,3 +980,18 @@ class MultiCropAugmentation:
             lboxes, lflips = torch.zeros(0, B, 4), torch.zeros(0, B, dtype=torch.bool)
         out.update(local_crops=lc, local_boxes=lboxes, local_flips=lflips)
         return out
+
+    @staticmethod
+    def _check_images(name: str, images: Tensor) -> Tensor:
+        _check_ndim(name, images, 4, "(B, 3, H, W)")
+        if images.shape[1] != 3:
+            raise ValueError(f"{name} must have 3 channels, got shape {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            return images.float() / 255.0
+        if not images.is_floating_point():
+            raise TypeError(f"{name} must be float in [0, 1] or uint8, got {images.dtype}")
+        images = images.float()
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"float {name} must be in [0, 1] (not normalised), got range [{lo:.3f}, {hi:.3f}]")
+        return images

@@ -281,3 +281,28 @@ def test_bad_indices_raise(ds):
         ds.tensors(10, start=995)
     with pytest.raises(TypeError):
         ds[1.5]
+
+
+def test_appearance_keeps_the_layout_and_changes_every_colour(ds):
+    idx = torch.arange(24)
+    own = ds.batch(idx)
+    assert all(torch.equal(own[k], ds.batch(idx, appearance=0)[k]) for k in KEYS)  # 0 = the scene as it is
+    new = ds.batch(idx, appearance=idx + 1)
+    for k in ("mask", "depth", "label", "boxes", "box_labels"):
+        assert torch.equal(new[k], own[k]), k
+    # colours are re-drawn: the mean colour of the background and of the objects moves in (nearly) every image
+    bg = own["mask"] == 0
+    def mean_colour(img, where):
+        w = where[:, None].float()
+        return (img * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1)
+    moved = (mean_colour(new["image"], bg) - mean_colour(own["image"], bg)).abs().amax(1) > 0.02
+    assert moved.float().mean() > 0.9
+    # deterministic, and per-index values equal one shared value where they agree
+    assert torch.equal(ds.batch(idx, appearance=7)["image"], ds.batch(idx, appearance=torch.full((24,), 7))["image"])
+    assert not torch.equal(ds.batch(idx, appearance=7)["image"], ds.batch(idx, appearance=8)["image"])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, torch.tensor([1, 2]), torch.tensor([[1]])])
+def test_appearance_rejects_bad_values(ds, bad):
+    with pytest.raises(ValueError, match="appearance"):
+        ds.batch(torch.arange(3), appearance=bad)

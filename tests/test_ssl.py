@@ -534,3 +534,20 @@ def test_sinkhorn_knopp_cold_teacher_does_not_overflow():
     torch.testing.assert_close(p.sum(1), torch.ones(2))
     ref = sinkhorn_knopp(logits * 200, 1.0)  # the same logits / τ
     torch.testing.assert_close(p, ref)
+
+
+def test_multicrop_second_render_feeds_the_odd_views():
+    # photometric augmentations off: each crop is then a pure function of its source image and box
+    aug = MultiCropAugmentation(global_size=16, local_size=16, n_local=4, normalize=False, color_jitter_p=0.0,
+                                grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
+    a, b = torch.rand(3, 3, 32, 32, generator=_gen(0)), torch.rand(3, 3, 32, 32, generator=_gen(1))
+    both = aug(a, generator=_gen(5), second=b)
+    only_a, only_b = aug(a, generator=_gen(5)), aug(b, generator=_gen(5))  # same boxes and flips
+    g, l = both["global_crops"].view(2, 3, 3, 16, 16), both["local_crops"].view(4, 3, 3, 16, 16)
+    ga, gb = only_a["global_crops"].view(2, 3, 3, 16, 16), only_b["global_crops"].view(2, 3, 3, 16, 16)
+    la, lb = only_a["local_crops"].view(4, 3, 3, 16, 16), only_b["local_crops"].view(4, 3, 3, 16, 16)
+    assert torch.equal(g[0], ga[0]) and torch.equal(g[1], gb[1])
+    for v in range(4):
+        assert torch.equal(l[v], (la if v % 2 == 0 else lb)[v])
+    with pytest.raises(ValueError, match="second"):
+        aug(a, second=b[:2])
