@@ -26,11 +26,14 @@ better model), in half precision except the RoPE periods: a few MB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ssl, vit
-from .viz import normalize
+from .utils import normalize
 from .data import ShapesWorld
 
 
@@ -49,7 +52,8 @@ from .data import ShapesWorld
 class PretrainConfig:
     arch: str = "dinov3_vittiny16"
     image_size: int = 128  # ShapesWorld render size
-    max_objects: int = 4  # ShapesWorld scenes hold 1..max_objects objects
+    min_objects: int = 1  # ShapesWorld scenes hold min_objects..max_objects objects
+    max_objects: int = 4
     # Two knobs for experiments (the shipped run keeps both at their defaults): larger objects
     # (ShapesWorld(object_scale=...)) and a wider colour-jitter hue range (official 0.1; 0.5 turns the
     # whole colour wheel), both meant to make shape, not colour, what two crops of one image share.
@@ -96,7 +100,13 @@ class PretrainConfig:
     # sees the image from step 0 (at 1e-5 every CLS token is the same vector for hundreds of steps).
     # Only the initial value of ``ls*.gamma`` changes; the architecture and keys are the official ones.
     layerscale_init: float = 0.1
-    extra: dict = field(default_factory=dict)
+    # Views that share only the layout: with probability appearance_p (ramped up linearly over the first
+    # appearance_warmup steps), an image's second global crop and its odd local crops are cut from a
+    # re-render of the same scene with a new appearance (ShapesWorld.batch(..., appearance=...)): new colours
+    # and textures for objects, floor and wall. Colour then stops being a cue that two views share.
+    appearance_p: float = 0.0
+    appearance_warmup: int = 0
+    eval_every: int = 0  # k-NN curves during training (python -m dinolab.pretrain evaluates on the object split)
 
 
 class Student(nn.Module):
@@ -163,8 +173,48 @@ def _gram_teacher_targets(gram_teacher: nn.Module, images: Tensor, boxes: Tensor
     return fmap.flatten(2).transpose(1, 2)
 
 
-def train(cfg: PretrainConfig, out: str | Path | None = None, log=print) -> dict:
-    """Run both phases; return {"teacher": backbone, "history": [...], "seconds": ...}."""
+class _Stop(Exception):
+    """Raised inside the loop after SIGTERM / Ctrl-C, once the state is saved."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else the CPU; "cpu" / "cuda" as given (cuda must exist)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch.cuda.is_available() is False")
+    return torch.device(device)
+
+
+def _rng_state(gens: dict) -> dict:
+    state = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in gens.items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(gens: dict, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    for k, g in gens.items():
+        g.set_state(state[k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, device: str = "auto",
+          resume: str | Path | None = None, state_path: str | Path | None = None, save_every: int = 0,
+          stop_after: int | None = None, evaluate=None) -> dict:
+    """Run both phases; return {"teacher": backbone, "student", "history": [...], "evals", "seconds", "step"}.
+
+    ``state_path``: where the full training state (student, teacher, Gram teacher, optimizer, step, RNGs,
+    history) is written every ``save_every`` steps, at the end, and on SIGTERM / Ctrl-C. ``resume``: such a
+    file to continue from (the run then equals one that was never interrupted). ``stop_after``: stop (and
+    save the state) after this many steps in total, to train in chunks. ``evaluate(teacher_backbone)``: a
+    function returning a dict of numbers, called every ``cfg.eval_every`` steps and at the end (curves).
+    """
+    dev = pick_device(device)
     rank, world = _world()
     torch.manual_seed(cfg.seed)  # same init on every rank
     student = Student(cfg)
@@ -173,6 +223,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print) -> dict
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    student.to(dev), teacher.to(dev)
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
@@ -186,79 +237,154 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print) -> dict
                                                  min(cfg.teacher_temp_warmup, total // 3))
     aug = ssl.MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                                     **{"hue": cfg.hue, **cfg.augment})
-    data = ShapesWorld("train", size=cfg.image_size, n_objects=(1, cfg.max_objects), num_samples=1 << 30,
-                       object_scale=cfg.object_scale, seed=cfg.data_seed)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank)
+    data = ShapesWorld("train", size=cfg.image_size, n_objects=(cfg.min_objects, cfg.max_objects),
+                       num_samples=1 << 30, object_scale=cfg.object_scale, seed=cfg.data_seed)
+    gens = {"crops": torch.Generator().manual_seed(cfg.seed * 1000 + rank),
+            "masks": torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank),
+            "views": torch.Generator().manual_seed(cfg.seed * 1000 + 700 + rank)}
     dino_loss, ibot_loss, koleo, gram = ssl.DINOLoss(cfg.head_out_dim), ssl.iBOTPatchLoss(), ssl.KoLeoLoss(), ssl.GramLoss(
         apply_norm=True, img_level=True, remove_neg=False)
     n_l = cfg.n_local
     local_scale, global_scale = 2 * n_l / (2 * n_l + 2), 2 / (2 * n_l + 2)
     grid = cfg.global_size // student.backbone.patch_size
-    gram_teacher = None
-    history, t0 = [], time.time()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext)
+    gram_teacher, history, evals, start, seconds_before = None, [], [], 0, 0.0
+    if resume is not None:
+        st = torch.load(resume, map_location=dev, weights_only=False)  # our own file: optimizer state, RNGs
+        if st["config"] != asdict(cfg):
+            raise ValueError(f"{resume} was written with another configuration; pass the same one to resume")
+        student.load_state_dict(st["student"]), teacher.load_state_dict(st["teacher"])
+        opt.load_state_dict(st["optimizer"])
+        if st["gram_teacher"] is not None:
+            gram_teacher = copy.deepcopy(teacher.backbone).eval()
+            gram_teacher.load_state_dict(st["gram_teacher"])
+        _set_rng_state(gens, st["rng"])
+        history, evals, start, seconds_before = st["history"], st["evals"], st["step"], st["seconds"]
+        log(f"resumed from {resume} at step {start}")
+
+    t0 = time.time()
+
+    def save_state(step: int) -> None:
+        if state_path is None or rank != 0:
+            return
+        st = {"config": asdict(cfg), "step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
+              "gram_teacher": None if gram_teacher is None else gram_teacher.state_dict(),
+              "optimizer": opt.state_dict(), "rng": _rng_state(gens), "history": history, "evals": evals,
+              "seconds": seconds_before + time.time() - t0}
+        tmp = Path(str(state_path) + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(st, tmp)
+        os.replace(tmp, state_path)  # never a half-written state file
+
+    def run_eval(step: int) -> None:
+        if evaluate is not None and rank == 0:
+            r = {"step": step, **evaluate(teacher.backbone)}
+            evals.append(r)
+            log("eval " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):  # finish the step, save, leave
+        stop["flag"] = True
+
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     student.train()
     teacher.train()  # as the official code: the teacher backbone runs in train mode too (RoPE augmentation)
-    for step in range(total):
-        if step == cfg.steps and cfg.gram_steps > 0:  # phase 2: freeze a Gram teacher
-            gram_teacher = copy.deepcopy(teacher.backbone).eval()
-            if out is not None and rank == 0:  # kept to measure what the Gram phase changes (notebook 05)
-                save_checkpoint(gram_teacher, Path(out).with_name(Path(out).stem + "_phase1.pth"), cfg, history,
-                                time.time() - t0, world)
-        for g in opt.param_groups:
-            g["lr"] = float(lr_sched[step])
-        temp = float(temp_sched[step])
-        first = (step * world + rank) * cfg.batch_size
-        images = data.batch(torch.arange(first, first + cfg.batch_size))["image"]
-        crops = aug(images, generator=gen)
-        B = cfg.batch_size
-        masks = ssl.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio, generator=mask_gen)
-        with torch.no_grad():
-            t_out = teacher(crops["global_crops"], None, masks, mask_inputs=False)
-            t_cls_probs = _sinkhorn_global(t_out["global_logits"], temp).view(2, B, -1)
-            t_patch_logits = t_out["patch_logits"]  # the unmasked teacher's tokens at the masked positions
-            t_patch_probs = ssl.sinkhorn_knopp(t_patch_logits, temp) if masks.any() else t_patch_logits
-        s_out = model(crops["global_crops"], crops["local_crops"], masks)
-        s_global = s_out["global_logits"].view(2, B, -1)
-        s_local = s_out["local_logits"].view(n_l, B, -1)
-        l_dino = local_scale * dino_loss(s_local, t_cls_probs) + global_scale * dino_loss(
-            s_global, t_cls_probs, ignore_diagonal=True)
-        l_ibot = ibot_loss.forward_masked(s_out["patch_logits"], t_patch_probs, masks) if masks.any() else 0 * l_dino
-        cls = s_out["cls"].view(2, B, -1)
-        l_koleo = sum(koleo(cls[i]) for i in range(2)) / 2
-        loss = l_dino + cfg.ibot_weight * l_ibot + cfg.koleo_weight * 2 * l_koleo
-        l_gram = torch.zeros(())
-        if gram_teacher is not None:
+    end = total if stop_after is None else min(total, stop_after)
+    step = start
+    if start == 0 and cfg.eval_every:
+        run_eval(0)
+    try:
+        for step in range(start, end):
+            if step == cfg.steps and cfg.gram_steps > 0 and gram_teacher is None:  # phase 2: freeze a Gram teacher
+                gram_teacher = copy.deepcopy(teacher.backbone).eval()
+                if out is not None and rank == 0:  # kept to measure what the Gram phase changes (notebook 05)
+                    save_checkpoint(gram_teacher, Path(out).with_name(Path(out).stem + "_phase1.pth"), cfg, history,
+                                    seconds_before + time.time() - t0, world, evals)
+            for g in opt.param_groups:
+                g["lr"] = float(lr_sched[step])
+            temp = float(temp_sched[step])
+            B = cfg.batch_size
+            idx = torch.arange((step * world + rank) * B, (step * world + rank + 1) * B)
+            images = data.batch(idx)["image"]
+            second = None
+            p_app = cfg.appearance_p * min(1.0, (step + 1) / max(1, cfg.appearance_warmup))
+            if p_app > 0:  # a re-render of the same scenes in a new appearance, for some of the images
+                new_look = torch.rand(B, generator=gens["views"]) < p_app
+                second = data.batch(idx, appearance=torch.where(new_look, idx + 1, 0))["image"]
+            crops = {k: v.to(dev, non_blocking=True) for k, v in aug(images, generator=gens["crops"], second=second).items()}
+            masks = ssl.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio,
+                                   generator=gens["masks"]).to(dev)
+            with torch.no_grad(), autocast():
+                t_out = teacher(crops["global_crops"], None, masks, mask_inputs=False)
             with torch.no_grad():
-                target = _gram_teacher_targets(gram_teacher, images, crops["global_boxes"], crops["global_flips"],
-                                               cfg.global_size, grid)
-            l_gram = gram(s_out["patches"], target)
-            loss = loss + cfg.gram_weight * l_gram
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-        opt.step()
-        if cfg.norm_last_layer:
-            normalize_prototypes(student)
-        with torch.no_grad():
-            ssl.update_ema(teacher, student, float(mom_sched[step]))
-        rec = {"step": step, "loss": loss.item(), "dino": l_dino.item(), "ibot": float(l_ibot.detach()),
-               "koleo": l_koleo.item(), "gram": l_gram.item(), "lr": float(lr_sched[step]), "teacher_temp": temp,
-               "seconds": time.time() - t0}
-        history.append(rec)
-        if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):
-            log(f"step {step:4d}/{total}  loss {rec['loss']:.3f}  dino {rec['dino']:.3f}  ibot {rec['ibot']:.3f}  "
-                f"koleo {rec['koleo']:.3f}  gram {rec['gram']:.4f}  ({rec['seconds']:.0f} s)")
-    seconds = time.time() - t0
+                t_cls_probs = _sinkhorn_global(t_out["global_logits"].float(), temp).view(2, B, -1)
+                t_patch_logits = t_out["patch_logits"].float()  # the unmasked teacher's tokens at the masked positions
+                t_patch_probs = ssl.sinkhorn_knopp(t_patch_logits, temp) if masks.any() else t_patch_logits
+            with autocast():
+                s_out = model(crops["global_crops"], crops["local_crops"], masks)
+            s_global = s_out["global_logits"].float().view(2, B, -1)
+            s_local = s_out["local_logits"].float().view(n_l, B, -1)
+            l_dino = local_scale * dino_loss(s_local, t_cls_probs) + global_scale * dino_loss(
+                s_global, t_cls_probs, ignore_diagonal=True)
+            l_ibot = (ibot_loss.forward_masked(s_out["patch_logits"].float(), t_patch_probs, masks) if masks.any()
+                      else 0 * l_dino)
+            cls = s_out["cls"].float().view(2, B, -1)
+            l_koleo = sum(koleo(cls[i]) for i in range(2)) / 2
+            loss = l_dino + cfg.ibot_weight * l_ibot + cfg.koleo_weight * 2 * l_koleo
+            l_gram = torch.zeros((), device=dev)
+            if gram_teacher is not None:
+                with torch.no_grad(), autocast():
+                    target = _gram_teacher_targets(gram_teacher, images.to(dev), crops["global_boxes"],
+                                                   crops["global_flips"], cfg.global_size, grid)
+                l_gram = gram(s_out["patches"].float(), target.float())
+                loss = loss + cfg.gram_weight * l_gram
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+            opt.step()
+            if cfg.norm_last_layer:
+                normalize_prototypes(student)
+            with torch.no_grad():
+                ssl.update_ema(teacher, student, float(mom_sched[step]))
+            rec = {"step": step, "loss": loss.item(), "dino": l_dino.item(), "ibot": float(l_ibot.detach()),
+                   "koleo": l_koleo.item(), "gram": l_gram.item(), "lr": float(lr_sched[step]), "teacher_temp": temp,
+                   "seconds": seconds_before + time.time() - t0}
+            history.append(rec)
+            if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):
+                log(f"step {step:5d}/{total}  loss {rec['loss']:.3f}  dino {rec['dino']:.3f}  ibot {rec['ibot']:.3f}  "
+                    f"koleo {rec['koleo']:.3f}  gram {rec['gram']:.4f}  ({rec['seconds']:.0f} s)")
+            done = step + 1
+            if cfg.eval_every and (done % cfg.eval_every == 0) and done < total:
+                run_eval(done)
+            if save_every and done % save_every == 0:
+                save_state(done)
+            if stop["flag"]:
+                save_state(done)
+                log(f"stopped by a signal after step {step}; state saved to {state_path}")
+                raise _Stop
+        step = end
+        if end == total and (not evals or evals[-1]["step"] != total) and cfg.eval_every:
+            run_eval(total)
+        save_state(end)
+    except _Stop:
+        step = len(history)
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+    seconds = seconds_before + time.time() - t0
     backbone = teacher.backbone.eval()
-    if out is not None and rank == 0:
-        save_checkpoint(backbone, out, cfg, history, seconds, world)
-    return {"teacher": backbone, "student": student.backbone, "history": history, "seconds": seconds}
+    if out is not None and rank == 0 and step == total:
+        save_checkpoint(backbone, out, cfg, history, seconds, world, evals)
+    return {"teacher": backbone, "student": student.backbone, "history": history, "evals": evals,
+            "seconds": seconds, "step": step}
 
 
 def save_checkpoint(backbone: nn.Module, out: str | Path, cfg: PretrainConfig, history: list, seconds: float,
-                    world: int = 1) -> str:
+                    world: int = 1, evals: list | None = None) -> str:
     """The backbone's state dict in fp16 (RoPE periods kept fp32), plus a JSON sidecar with the recipe,
     the loss history and the sha256 of the weights file."""
     out = Path(out)
@@ -268,6 +394,7 @@ def save_checkpoint(backbone: nn.Module, out: str | Path, cfg: PretrainConfig, h
     torch.save(sd, out)
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
     meta = {"config": asdict(cfg), "world_size": world, "seconds": round(seconds, 1), "sha256": sha,
+            "evals": evals or [],
             "torch": torch.__version__, "history": [{k: (round(v, 5) if isinstance(v, float) else v)
                                                     for k, v in h.items()} for h in history]}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
@@ -278,22 +405,48 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = PretrainConfig()
     ap.add_argument("--out", default="data/dinov3_tiny_shapesworld.pth")
+    ap.add_argument("--config", default=None, help="a JSON object of PretrainConfig fields (flags override it)")
     for name in ("steps", "gram_steps", "batch_size", "seed", "n_local", "global_size", "local_size", "log_every",
                  "image_size", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "warmup_steps",
-                 "teacher_temp_warmup", "max_objects"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "gram_weight", "koleo_weight", "ibot_weight", "layerscale_init", "object_scale", "hue"):
-        ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+                 "teacher_temp_warmup", "min_objects", "max_objects", "appearance_warmup", "eval_every"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    for name in ("lr", "gram_weight", "koleo_weight", "ibot_weight", "layerscale_init", "object_scale", "hue",
+                 "appearance_p"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    ap.add_argument("--state", default=None, help="training-state file, written every --save-every steps and on "
+                                                  "SIGTERM / Ctrl-C (default: OUT with the suffix .state.pt)")
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--resume", default=None, help="a state file to continue from ('auto': --state if it exists)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this many steps in total")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.init_process_group("gloo")
-    cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "threads")})
+        backend = "nccl" if pick_device(args.device).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    fields = json.loads(args.config) if args.config else {}
+    fields.update({k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None})
+    for k in ("teacher_temp", "momentum", "mask_ratio"):
+        if k in fields:
+            fields[k] = tuple(fields[k])
+    cfg = PretrainConfig(**fields)
+    state = args.state or str(Path(args.out).with_suffix(".state.pt"))
+    resume = args.resume
+    if resume == "auto":
+        resume = state if Path(state).exists() else None
+    evaluate = None
+    if cfg.eval_every:
+        from .evaluate import ObjectKNN
+
+        evaluate = ObjectKNN()
     try:
-        train(cfg, out=args.out)
+        train(cfg, out=args.out, device=args.device, resume=resume, state_path=state, save_every=args.save_every,
+              stop_after=args.stop_after, evaluate=evaluate, log=lambda *a: print(*a, flush=True))
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -51,3 +51,53 @@ def test_torchrun_two_processes_gloo(tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["world_size"] == 2 and len(meta["history"]) == 3
     vit.dinov3_vittiny16(weights=out)
+
+
+def _same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("split_at", [2, 3, 4])  # before, at and after the start of the Gram phase
+def test_resume_equals_an_uninterrupted_run(tmp_path, split_at):
+    cfg = PretrainConfig(**{**TINY, "steps": 3, "gram_steps": 3, "appearance_p": 0.5, "appearance_warmup": 2})
+    straight = train(cfg, log=lambda *_: None)
+    state = tmp_path / "run.state.pt"
+    first = train(cfg, log=lambda *_: None, state_path=state, stop_after=split_at)
+    assert first["step"] == split_at and state.exists()
+    second = train(cfg, log=lambda *_: None, state_path=state, resume=state)
+    assert second["step"] == 6 and len(second["history"]) == 6
+    _same_state(second["teacher"].state_dict(), straight["teacher"].state_dict())
+    _same_state(second["student"].state_dict(), straight["student"].state_dict())
+    assert [h["loss"] for h in second["history"]] == [h["loss"] for h in straight["history"]]
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    state = tmp_path / "run.state.pt"
+    train(PretrainConfig(**TINY), log=lambda *_: None, state_path=state, stop_after=1)
+    with pytest.raises(ValueError, match="another configuration"):
+        train(PretrainConfig(**{**TINY, "lr": 5e-4}), log=lambda *_: None, resume=state)
+
+
+def test_sigterm_saves_the_state_and_stops(tmp_path):
+    import signal
+
+    state = tmp_path / "run.state.pt"
+    calls = []
+
+    def log(msg):  # send ourselves SIGTERM during the run, as `kill` or a scheduler would
+        calls.append(msg)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = train(PretrainConfig(**{**TINY, "log_every": 1}), log=log, state_path=state)
+    assert res["step"] == 1 and state.exists()
+    st = torch.load(state, weights_only=False)
+    assert st["step"] == 1 and len(st["history"]) == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="device"):
+        train(PretrainConfig(**TINY), log=lambda *_: None, device="tpu")
