@@ -39,6 +39,7 @@ Differences from the official file, all outside the state dict (documented where
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -484,7 +485,7 @@ class DINOv3Adapter(nn.Module):
         in_chans = _backbone_in_chans(backbone)
         self.in_chans = in_chans if in_chans is not None else 3
 
-        with torch.device(device) if device is not None else _nullcontext():
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
             self.spm = SpatialPriorModule(inplanes=conv_inplane, embed_dim=embed_dim, with_cp=False,
                                           in_chans=self.in_chans)
@@ -646,11 +647,3 @@ def _final_norm(bb: nn.Module, tokens: Tensor) -> Tensor:
     if hasattr(bb, "_split_norm"):
         return torch.cat(bb._split_norm(tokens), dim=1)
     return bb.norm(tokens)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

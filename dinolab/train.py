@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import utils
+
 __all__ = [
     "fit", "cosine_schedule", "to_device", "extract_features",
     "accuracy", "confusion_matrix", "miou", "boundaries", "boundary_fscore", "absrel", "rmse", "delta1",
@@ -151,8 +153,6 @@ def fit(
 # Feature cache
 # ---------------------------------------------------------------------------------------------------------------
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @torch.no_grad()
@@ -207,9 +207,7 @@ def extract_features(
         for lo in tqdm(range(0, n_images, batch_size), desc="features", disable=not progress, leave=False):
             x = fetch(lo, min(lo + batch_size, n_images)).to(device)
             if normalize:
-                mean = torch.tensor(_IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                std = torch.tensor(_IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                x = (x - mean) / std
+                x = utils.normalize(x)
             out = backbone.get_intermediate_layers(x, n=layers, reshape=reshape,
                                                    return_class_token=return_class_token, norm=norm)
             chunks.append(_map_tensors(out, lambda t: t.detach().cpu()))

@@ -5,6 +5,18 @@ import os
 import random
 
 import torch
+from torch import Tensor
+
+# ImageNet statistics: DINOv3 normalises its inputs (LVD-1689M models) with these, as every notebook does.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(img: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
+    """(…, 3, H, W) in [0, 1] -> normalised with the ImageNet statistics."""
+    m = torch.tensor(mean, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    return (img - m) / s
 
 
 def get_device(prefer: str | None = None) -> torch.device:

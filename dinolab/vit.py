@@ -11,6 +11,7 @@ the 6.7B-parameter one included, without allocating memory.
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -67,7 +68,6 @@ class DinoVisionTransformer(nn.Module):
         untie_cls_and_patch_norms: bool = False,
         untie_global_and_local_cls_norm: bool = False,
         device: torch.device | str | None = None,
-        **ignored_kwargs,
     ) -> None:
         super().__init__()
         if ffn_layer not in FFN_LAYERS:
@@ -85,7 +85,7 @@ class DinoVisionTransformer(nn.Module):
         self.untie_cls_and_patch_norms = untie_cls_and_patch_norms
         self.untie_global_and_local_cls_norm = untie_global_and_local_cls_norm
 
-        with torch.device(device) if device is not None else _nullcontext():
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                           embed_dim=embed_dim, flatten_embedding=False)
             self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
@@ -237,14 +237,6 @@ class DinoVisionTransformer(nn.Module):
             patches = [o.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for o in patches]
         parts = [patches] + ([cls] if return_class_token else []) + ([extra] if return_extra_tokens else [])
         return tuple(parts[0]) if len(parts) == 1 else tuple(zip(*parts))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------- released configurations

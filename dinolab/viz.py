@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .utils import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: F401 - re-exported for the notebooks
 
 SERIES = [
     ("00", "dino_v1_v2_v3", "DINO v1 → v2 → v3: what changed"),
@@ -63,13 +62,6 @@ def load_photo(size: int | tuple[int, int] = 224, crop: bool = True) -> Tensor:
     else:
         img = img.resize((size[1], size[0]), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
-
-
-def normalize(img: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
-    """(…, 3, H, W) in [0, 1] -> normalised with the ImageNet (LVD-1689M) statistics."""
-    m = torch.tensor(mean, dtype=img.dtype, device=img.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=img.dtype, device=img.device).view(3, 1, 1)
-    return (img - m) / s
 
 
 def to_numpy_image(img: Tensor):

@@ -211,3 +211,8 @@ def test_eval_rope_cache_follows_loaded_periods():
         c = fresh(x)
     assert not torch.allclose(a, b)
     torch.testing.assert_close(b, c)
+
+
+def test_unknown_keyword_is_a_type_error_that_names_it():
+    with pytest.raises(TypeError, match="drop_path"):
+        vit.DinoVisionTransformer(drop_path=0.1)  # the real name is drop_path_rate
