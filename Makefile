@@ -29,8 +29,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# Options for JupyterLab, e.g. make lab LAB_ARGS="--port 8890 --no-browser". As root (Docker, CI machines)
+# JupyterLab refuses to start without --allow-root, so it is added for root only.
+LAB_ARGS ?=
+ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	@echo "Starting JupyterLab on notebooks/; open the http://127.0.0.1:...?token=... URL it prints below."
+	$(BIN)/jupyter lab notebooks/ $(ROOT_ARGS) $(LAB_ARGS)
 
 test: install test-unit test-notebooks
 
