@@ -43,7 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ssl, vit
+from . import augment, losses, masking, schedules, vit
+from .dino_head import DINOHead
 from .utils import normalize
 from .data import ShapesWorld
 
@@ -117,8 +118,8 @@ class Student(nn.Module):
         self.backbone = vit.build(cfg.arch, drop_path_rate=cfg.drop_path_rate, layerscale_init=cfg.layerscale_init)
         D = self.backbone.embed_dim
         head = dict(out_dim=cfg.head_out_dim, hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim)
-        self.dino_head = ssl.DINOHead(D, **head)
-        self.ibot_head = ssl.DINOHead(D, **head)
+        self.dino_head = DINOHead(D, **head)
+        self.ibot_head = DINOHead(D, **head)
 
     def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor | None,
                 mask_inputs: bool = True):
@@ -154,17 +155,17 @@ def _sinkhorn_global(logits: Tensor, temp: float) -> Tensor:
     """Sinkhorn-Knopp over the whole (all-gathered) batch; returns this rank's rows."""
     rank, world = _world()
     if world == 1:
-        return ssl.sinkhorn_knopp(logits, temp)
+        return losses.sinkhorn_knopp(logits, temp)
     parts = [torch.empty_like(logits) for _ in range(world)]
     dist.all_gather(parts, logits.contiguous())
-    return ssl.sinkhorn_knopp(torch.cat(parts), temp).chunk(world)[rank]
+    return losses.sinkhorn_knopp(torch.cat(parts), temp).chunk(world)[rank]
 
 
 def _gram_teacher_targets(gram_teacher: nn.Module, images: Tensor, boxes: Tensor, flips: Tensor,
                           size: int, grid: int) -> Tensor:
     """Patch features of the Gram teacher on clean (undistorted) crops at 2x the student resolution,
     resized bicubically to the student's grid: (n_crops * B, grid * grid, D)."""
-    crops = torch.cat([ssl.crop_and_resize(images, boxes[c], 2 * size, flip=flips[c]) for c in range(boxes.shape[0])])
+    crops = torch.cat([augment.crop_and_resize(images, boxes[c], 2 * size, flip=flips[c]) for c in range(boxes.shape[0])])
     crops = normalize(crops)
     feats = gram_teacher.forward_features(crops)["x_norm_patchtokens"]  # (nB, (2g)^2, D)
     n, _, D = feats.shape
@@ -231,18 +232,18 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
     total = cfg.steps + cfg.gram_steps
-    lr_sched = ssl.cosine_schedule(cfg.lr, cfg.min_lr, total, warmup_steps=min(cfg.warmup_steps, total // 5))
-    mom_sched = ssl.cosine_schedule(cfg.momentum[0], cfg.momentum[1], total)
-    temp_sched = ssl.linear_warmup_then_constant(cfg.teacher_temp[0], cfg.teacher_temp[1], total,
+    lr_sched = schedules.cosine_schedule(cfg.lr, cfg.min_lr, total, warmup_steps=min(cfg.warmup_steps, total // 5))
+    mom_sched = schedules.cosine_schedule(cfg.momentum[0], cfg.momentum[1], total)
+    temp_sched = schedules.linear_warmup_then_constant(cfg.teacher_temp[0], cfg.teacher_temp[1], total,
                                                  min(cfg.teacher_temp_warmup, total // 3))
-    aug = ssl.MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
+    aug = augment.MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                                     **{"hue": cfg.hue, **cfg.augment})
     data = ShapesWorld("train", size=cfg.image_size, n_objects=(cfg.min_objects, cfg.max_objects),
                        num_samples=1 << 30, object_scale=cfg.object_scale, seed=cfg.data_seed)
     gens = {"crops": torch.Generator().manual_seed(cfg.seed * 1000 + rank),
             "masks": torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank),
             "views": torch.Generator().manual_seed(cfg.seed * 1000 + 700 + rank)}
-    dino_loss, ibot_loss, koleo, gram = ssl.DINOLoss(cfg.head_out_dim), ssl.iBOTPatchLoss(), ssl.KoLeoLoss(), ssl.GramLoss(
+    dino_loss, ibot_loss, koleo, gram = losses.DINOLoss(cfg.head_out_dim), losses.iBOTPatchLoss(), losses.KoLeoLoss(), losses.GramLoss(
         apply_norm=True, img_level=True, remove_neg=False)
     n_l = cfg.n_local
     local_scale, global_scale = 2 * n_l / (2 * n_l + 2), 2 / (2 * n_l + 2)
@@ -315,14 +316,14 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
                 new_look = torch.rand(B, generator=gens["views"]) < p_app
                 second = data.batch(idx, appearance=torch.where(new_look, idx + 1, 0))["image"]
             crops = {k: v.to(dev, non_blocking=True) for k, v in aug(images, generator=gens["crops"], second=second).items()}
-            masks = ssl.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio,
+            masks = masking.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio,
                                    generator=gens["masks"]).to(dev)
             with torch.no_grad(), autocast():
                 t_out = teacher(crops["global_crops"], None, masks, mask_inputs=False)
             with torch.no_grad():
                 t_cls_probs = _sinkhorn_global(t_out["global_logits"].float(), temp).view(2, B, -1)
                 t_patch_logits = t_out["patch_logits"].float()  # the unmasked teacher's tokens at the masked positions
-                t_patch_probs = ssl.sinkhorn_knopp(t_patch_logits, temp) if masks.any() else t_patch_logits
+                t_patch_probs = losses.sinkhorn_knopp(t_patch_logits, temp) if masks.any() else t_patch_logits
             with autocast():
                 s_out = model(crops["global_crops"], crops["local_crops"], masks)
             s_global = s_out["global_logits"].float().view(2, B, -1)
@@ -349,7 +350,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
             if cfg.norm_last_layer:
                 normalize_prototypes(student)
             with torch.no_grad():
-                ssl.update_ema(teacher, student, float(mom_sched[step]))
+                schedules.update_ema(teacher, student, float(mom_sched[step]))
             rec = {"step": step, "loss": loss.item(), "dino": l_dino.item(), "ibot": float(l_ibot.detach()),
                    "koleo": l_koleo.item(), "gram": l_gram.item(), "lr": float(lr_sched[step]), "teacher_temp": temp,
                    "seconds": seconds_before + time.time() - t0}

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinolab import ssl  # noqa: E402
+from dinolab import losses  # noqa: E402
 from dinolab.data import ShapesWorld  # noqa: E402
 from dinolab.heads import knn_accuracy  # noqa: E402
 from dinolab.pretrain import PretrainConfig, Student, train  # noqa: E402
@@ -47,7 +47,7 @@ class TargetMonitor:
 
     def __init__(self, every: int, log):
         self.rows, self.every, self.log = [], every, log
-        self._orig = ssl.DINOLoss.forward
+        self._orig = losses.DINOLoss.forward
 
     def __enter__(self):
         monitor = self
@@ -60,11 +60,11 @@ class TargetMonitor:
                                (q[0].argmax(-1) == p[1].argmax(-1)).float().mean().item())
             return monitor._orig(loss_self, student_logits, teacher_probs, ignore_diagonal)
 
-        ssl.DINOLoss.forward = forward
+        losses.DINOLoss.forward = forward
         return self
 
     def __exit__(self, *exc):
-        ssl.DINOLoss.forward = self._orig
+        losses.DINOLoss.forward = self._orig
 
     def record(self, *row):
         self.rows.append(row)

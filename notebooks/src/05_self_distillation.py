@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinolab import ssl, trace, vit
+from dinolab import augment, dino_head, losses, masking, schedules, trace, vit
 from dinolab.data import CLASS_NAMES, MASK_COLORS, ShapesWorld
 from dinolab.heads import knn_accuracy
 from dinolab.pretrain import PretrainConfig, Student, train
@@ -108,7 +108,7 @@ plt.show()
 cfg_ship = PretrainConfig()  # the defaults of `python -m dinolab.pretrain`
 print(f"PretrainConfig: 2 global crops of {cfg_ship.global_size} px, {cfg_ship.n_local} local crops of "
       f"{cfg_ship.local_size} px, from {cfg_ship.image_size}-px images")
-aug_show = ssl.MultiCropAugmentation(global_size=cfg_ship.global_size, local_size=cfg_ship.local_size,
+aug_show = augment.MultiCropAugmentation(global_size=cfg_ship.global_size, local_size=cfg_ship.local_size,
                                      n_local=cfg_ship.n_local, normalize=False)  # normalize=False: for display
 print(aug_show)
 crops = aug_show(sample["image"][:2], generator=torch.Generator().manual_seed(3))
@@ -154,11 +154,11 @@ plt.show()
 seed_everything(0)
 student = Student(cfg_ship)
 teacher = copy.deepcopy(student).requires_grad_(False)
-aug = ssl.MultiCropAugmentation(global_size=cfg_ship.global_size, local_size=cfg_ship.local_size,
+aug = augment.MultiCropAugmentation(global_size=cfg_ship.global_size, local_size=cfg_ship.local_size,
                                 n_local=cfg_ship.n_local)
 crops_n = aug(sample["image"][:2], generator=torch.Generator().manual_seed(3))  # normalised this time
 grid = cfg_ship.global_size // 16
-masks = ssl.make_masks(2 * B_show, grid, generator=0)
+masks = masking.make_masks(2 * B_show, grid, generator=0)
 print(f"backbone {count_params(student.backbone):,} params; dino_head {count_params(student.dino_head):,}; "
       f"ibot_head {count_params(student.ibot_head):,}  (K = {cfg_ship.head_out_dim} prototypes)")
 print(f"global crops {tuple(crops_n['global_crops'].shape)}  local crops {tuple(crops_n['local_crops'].shape)}  "
@@ -182,13 +182,13 @@ with torch.no_grad():
 m = 0.992
 expected = {k: m * v + (1 - m) * student.state_dict()[k] for k, v in teacher.state_dict().items()
             if v.is_floating_point()}
-ssl.update_ema(teacher, student, m)
+schedules.update_ema(teacher, student, m)
 for k, v in expected.items():
     if k in dict(teacher.named_parameters()):
         torch.testing.assert_close(teacher.state_dict()[k], v)
 print("teacher == 0.992 * teacher + 0.008 * student for every parameter")
 print("momentum schedule (first, middle, last of 11 steps):",
-      [round(float(x), 4) for x in ssl.cosine_schedule(0.992, 1.0, 11)[[0, 5, 10]]])
+      [round(float(x), 4) for x in schedules.cosine_schedule(0.992, 1.0, 11)[[0, 5, 10]]])
 
 # %% [markdown]
 # ## 2. The DINO loss, on tiny tensors
@@ -201,7 +201,7 @@ print("momentum schedule (first, middle, last of 11 steps):",
 
 # %%
 seed_everything(0)
-head = ssl.DINOHead(in_dim=8, out_dim=6, hidden_dim=16, bottleneck_dim=4)
+head = dino_head.DINOHead(in_dim=8, out_dim=6, hidden_dim=16, bottleneck_dim=4)
 x = torch.randn(3, 8)  # 3 CLS tokens of width 8
 h = x
 print(f"input             {tuple(h.shape)}")
@@ -257,14 +257,14 @@ torch.testing.assert_close(ce, entropy(p_t) + kl)
 # target): 2n local pairs and 2 · 2 − 2 = 2 global pairs. `ssl_meta_arch.py` computes the two groups with
 # `DINOLoss` (each a mean over its pairs) and weights them by their share of all pairs: **2n / (2n + 2)** for the
 # local term and **2 / (2n + 2)** for the global one (official n = 8: 16/18 and 2/18). The weighted sum is then
-# simply the mean over all 2n + 2 pairs. We check `dinolab.ssl.DINOLoss` against a plain loop.
+# simply the mean over all 2n + 2 pairs. We check `dinolab.losses.DINOLoss` against a plain loop.
 
 # %%
 seed_everything(0)
 B, K, n = 3, 6, 4
 teacher_logits = torch.randn(2, B, K)  # (teacher crops, images, prototypes)
 student_global, student_local = torch.randn(2, B, K), torch.randn(n, B, K)
-p_teacher = ssl.sinkhorn_knopp(teacher_logits.flatten(0, 1), teacher_temp=0.04).view(2, B, K)  # section 3
+p_teacher = losses.sinkhorn_knopp(teacher_logits.flatten(0, 1), teacher_temp=0.04).view(2, B, K)  # section 3
 print(f"teacher probs {tuple(p_teacher.shape)}  student global {tuple(student_global.shape)}  "
       f"student local {tuple(student_local.shape)}")
 
@@ -279,7 +279,7 @@ for s in range(2 + n):
 by_hand = torch.stack(list(pair_losses.values())).mean()
 print(f"{len(pair_losses)} pairs = 2n + 2 = {2 * n + 2}")
 
-dino = ssl.DINOLoss(out_dim=K, student_temp=0.1)
+dino = losses.DINOLoss(out_dim=K, student_temp=0.1)
 local_scale, global_scale = 2 * n / (2 * n + 2), 2 / (2 * n + 2)
 l_local = dino(student_local, p_teacher)
 l_global = dino(student_global, p_teacher, ignore_diagonal=True)
@@ -327,9 +327,9 @@ seed_everything(1)
 Bs, Ks = 8, 4
 biased = 0.3 * torch.randn(Bs, Ks) + torch.tensor([0.4, 0.0, 0.0, 0.0])  # prototype 0 favoured by everyone
 p_soft = F.softmax(biased / 0.1, dim=-1)
-p_sk = ssl.sinkhorn_knopp(biased, teacher_temp=0.1)
+p_sk = losses.sinkhorn_knopp(biased, teacher_temp=0.1)
 torch.testing.assert_close(p_sk, sinkhorn_by_hand(biased, 0.1))
-print("ssl.sinkhorn_knopp == by hand")
+print("losses.sinkhorn_knopp == by hand")
 print(f"softmax  rows sum to {[round(v, 3) for v in p_soft.sum(1).tolist()][:3]}...  "
       f"columns (prototype usage) {[round(v, 2) for v in p_soft.sum(0).tolist()]}")
 print(f"Sinkhorn rows sum to {[round(v, 3) for v in p_sk.sum(1).tolist()][:3]}...  "
@@ -338,9 +338,9 @@ torch.testing.assert_close(p_sk.sum(1), torch.ones(Bs))
 torch.testing.assert_close(p_sk.sum(0), torch.full((Ks,), Bs / Ks), atol=0.2 * Bs / Ks, rtol=0)
 print("asserted: rows sum to 1; columns within 20 % of B/K after the official 3 iterations")
 for it in (0, 1, 3, 10, 30):
-    cols = ssl.sinkhorn_knopp(biased, teacher_temp=0.1, n_iterations=it).sum(0)
+    cols = losses.sinkhorn_knopp(biased, teacher_temp=0.1, n_iterations=it).sum(0)
     print(f"  n_iterations {it:2d}: columns {[round(v, 3) for v in cols.tolist()]}")
-cols = ssl.sinkhorn_knopp(biased, teacher_temp=0.1, n_iterations=30).sum(0)
+cols = losses.sinkhorn_knopp(biased, teacher_temp=0.1, n_iterations=30).sum(0)
 torch.testing.assert_close(cols, torch.full((Ks,), Bs / Ks), atol=0.01 * Bs / Ks, rtol=0)
 print("asserted: with more iterations the columns converge to B/K (30 iterations: within 1 %)")
 
@@ -394,13 +394,13 @@ def collapse_run(variant: str, steps: int = 300, K: int = 64, d: int = 32, B: in
             if variant == "sharpening only":
                 p = F.softmax(t / tau_t, dim=-1)
             elif variant == "centering only":
-                p = ssl.softmax_center_teacher(t, center, tau_s)
-                center = ssl.update_center(center, t, momentum=0.9)
+                p = losses.softmax_center_teacher(t, center, tau_s)
+                center = losses.update_center(center, t, momentum=0.9)
             elif variant == "centering + sharpening":
-                p = ssl.softmax_center_teacher(t, center, tau_t)
-                center = ssl.update_center(center, t, momentum=0.9)
+                p = losses.softmax_center_teacher(t, center, tau_t)
+                center = losses.update_center(center, t, momentum=0.9)
             else:  # "Sinkhorn-Knopp"
-                p = ssl.sinkhorn_knopp(t, tau_t)
+                p = losses.sinkhorn_knopp(t, tau_t)
         s = logits_of(net, torch.cat([v2, v1]))  # the student sees the *other* view
         loss = -(p * F.log_softmax(s / tau_s, dim=-1)).sum(-1).mean()
         opt.zero_grad()
@@ -408,7 +408,7 @@ def collapse_run(variant: str, steps: int = 300, K: int = 64, d: int = 32, B: in
         opt.step()
         with torch.no_grad():
             unit(net.prototypes.weight)
-        ssl.update_ema(ema, net, 0.9)
+        schedules.update_ema(ema, net, 0.9)
         H_row.append(entropy(p).mean().item())
         H_mean.append(entropy(p.mean(0)).item())
     return torch.tensor(H_row), torch.tensor(H_mean)
@@ -472,13 +472,13 @@ print("asserted: sharpening alone -> one prototype; centering alone -> uniform; 
 # global crops, with ratios spread evenly over [0.1, 0.5]; the other half get no mask.
 
 # %%
-gen14 = ssl.MaskingGenerator((14, 14), max_num_patches=0.5 * 196)  # official 224-px crops: 14 x 14 patches
+gen14 = masking.MaskingGenerator((14, 14), max_num_patches=0.5 * 196)  # official 224-px crops: 14 x 14 patches
 print(gen14)
 ratios = [0.1, 0.2, 0.3, 0.4, 0.5]
 mask_examples = [gen14(int(r * 196), generator=7 + i) for i, r in enumerate(ratios)]
 for r, mk in zip(ratios, mask_examples):
     assert int(mk.sum()) == int(r * 196)  # exactly the requested number of patches
-batch_masks = ssl.make_masks(8, (6, 6), generator=0)  # our 96-px global crops: 6 x 6 patches
+batch_masks = masking.make_masks(8, (6, 6), generator=0)  # our 96-px global crops: 6 x 6 patches
 print("make_masks(8 crops, 6x6) ->", tuple(batch_masks.shape), "masked per crop:", batch_masks.sum(1).tolist())
 assert (batch_masks.sum(1) == 0).sum() == 4  # mask_probability 0.5: half the crops unmasked
 
@@ -525,7 +525,7 @@ mk = torch.zeros(Bi, Ni, dtype=torch.bool)
 mk[0, [0, 1, 3]] = True                # 3 masked patches
 mk[2, [2, 4, 5, 6, 7, 8]] = True       # 6 masked patches; images 1 and 3 are unmasked
 s_dense, t_dense = torch.randn(Bi, Ni, Ki), torch.randn(Bi, Ni, Ki)
-t_probs = ssl.sinkhorn_knopp(t_dense[mk], teacher_temp=0.04)  # SK over the M masked patches of the batch
+t_probs = losses.sinkhorn_knopp(t_dense[mk], teacher_temp=0.04)  # SK over the M masked patches of the batch
 print(f"masks {tuple(mk.shape)}, M = {int(mk.sum())} masked patches; student rows {tuple(s_dense[mk].shape)}, "
       f"teacher probs {tuple(t_probs.shape)}")
 
@@ -539,13 +539,13 @@ for b in range(Bi):
     row += len(idx)
 by_hand = by_hand / Bi
 
-ibot = ssl.iBOTPatchLoss(student_temp=0.1)
+ibot = losses.iBOTPatchLoss(student_temp=0.1)
 l_masked = ibot.forward_masked(s_dense[mk], t_probs, mk)
 t_probs_dense = torch.zeros(Bi, Ni, Ki)
 t_probs_dense[mk] = t_probs
 l_dense = ibot(s_dense, t_probs_dense, mk)
 print(f"by hand {by_hand:.4f}   forward_masked {l_masked:.4f}   forward (dense) {l_dense:.4f}")
-print("per-patch weights (ibot_mask_weights):", [round(w, 3) for w in ssl.ibot_mask_weights(mk).tolist()])
+print("per-patch weights (ibot_mask_weights):", [round(w, 3) for w in losses.ibot_mask_weights(mk).tolist()])
 torch.testing.assert_close(l_masked, by_hand)
 torch.testing.assert_close(l_dense, by_hand)
 
@@ -566,8 +566,8 @@ sim = xn @ xn.T
 sim.fill_diagonal_(-1)  # a point is not its own neighbour
 nn_idx = sim.argmax(1)
 koleo_by_hand = -torch.log((xn - xn[nn_idx]).norm(dim=-1)).mean()
-koleo = ssl.KoLeoLoss()
-print(f"KoLeo by hand {koleo_by_hand:.4f}   ssl.KoLeoLoss {koleo(xk):.4f}")
+koleo = losses.KoLeoLoss()
+print(f"KoLeo by hand {koleo_by_hand:.4f}   losses.KoLeoLoss {koleo(xk):.4f}")
 torch.testing.assert_close(koleo(xk), koleo_by_hand, atol=1e-6, rtol=1e-5)  # the official adds eps = 1e-8
 
 # %% [markdown]
@@ -641,7 +641,7 @@ Xn = F.normalize(feats_g, dim=-1)
 gram_mat = Xn @ Xn.transpose(1, 2)
 print(f"patch features {tuple(feats_g.shape)} -> Gram matrices {tuple(gram_mat.shape)}, diagonal = 1: "
       f"{torch.allclose(gram_mat.diagonal(dim1=1, dim2=2), torch.ones(2, Ng))}")
-gram = ssl.GramLoss(apply_norm=True, img_level=True, remove_neg=False)  # the official configs' settings
+gram = losses.GramLoss(apply_norm=True, img_level=True, remove_neg=False)  # the official configs' settings
 Q, _ = torch.linalg.qr(torch.randn(Dg, Dg))  # a random rotation of feature space
 perm = torch.randperm(Ng)
 checks = {
@@ -668,7 +668,7 @@ print("asserted: zero for identical, rotated and rescaled features; > 0 when the
 gram_teacher = copy.deepcopy(teacher.backbone).eval()
 G = cfg_ship.global_size
 with torch.no_grad():
-    hr_crops = torch.cat([ssl.crop_and_resize(sample["image"][:2], crops_n["global_boxes"][c], 2 * G,
+    hr_crops = torch.cat([augment.crop_and_resize(sample["image"][:2], crops_n["global_boxes"][c], 2 * G,
                                               flip=crops_n["global_flips"][c]) for c in range(2)])
     hr_feats = gram_teacher.forward_features(viz.normalize(hr_crops))["x_norm_patchtokens"]
     fmap = hr_feats.transpose(1, 2).reshape(len(hr_crops), -1, 2 * grid, 2 * grid)
@@ -1017,8 +1017,8 @@ display(Markdown("\n".join(rows)))
 # NBVAL_IGNORE_OUTPUT
 N_VIEWS = 256
 view_imgs = va_data["image"][:N_VIEWS]
-augs = {"full DINO augmentation": ssl.MultiCropAugmentation(global_size=cfg_run.global_size, n_local=0),
-        "crop + flip only": ssl.MultiCropAugmentation(global_size=cfg_run.global_size, n_local=0, color_jitter_p=0.0,
+augs = {"full DINO augmentation": augment.MultiCropAugmentation(global_size=cfg_run.global_size, n_local=0),
+        "crop + flip only": augment.MultiCropAugmentation(global_size=cfg_run.global_size, n_local=0, color_jitter_p=0.0,
                                                       grayscale_p=0.0, solarize_p=0.0, blur_p=(0.0, 0.0, 0.0))}
 
 

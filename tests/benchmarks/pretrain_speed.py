@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dinolab import ssl  # noqa: E402
+from dinolab import augment, losses, masking, schedules  # noqa: E402
 from dinolab.data import ShapesWorld  # noqa: E402
 from dinolab.pretrain import PretrainConfig, Student, normalize_prototypes  # noqa: E402
 
@@ -62,11 +62,11 @@ def main() -> None:
     normalize_prototypes(student)
     teacher = copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    aug = ssl.MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
+    aug = augment.MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                                     **{"hue": cfg.hue, **cfg.augment})
     data = ShapesWorld("train", size=cfg.image_size, n_objects=(cfg.min_objects, cfg.max_objects),
                        num_samples=1 << 30, object_scale=cfg.object_scale)
-    dino, ibot, koleo = ssl.DINOLoss(cfg.head_out_dim), ssl.iBOTPatchLoss(), ssl.KoLeoLoss()
+    dino, ibot, koleo = losses.DINOLoss(cfg.head_out_dim), losses.iBOTPatchLoss(), losses.KoLeoLoss()
     grid = cfg.global_size // 16
     g = torch.Generator().manual_seed(0)
     stages = {k: [] for k in ("render", "crops", "teacher", "student fwd + loss", "student bwd", "optim + EMA")}
@@ -79,14 +79,14 @@ def main() -> None:
         second = data.batch(idx, appearance=idx + 1)["image"] if cfg.appearance_p > 0 else None
         mark()
         crops = aug(images, generator=g, second=second)
-        masks = ssl.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio, generator=g)
+        masks = masking.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio, generator=g)
         mark()
         fc = FlopCounterMode(display=False) if count_flops else None
         with fc if fc is not None else contextlib.nullcontext():
             with torch.no_grad():
                 t_out = teacher(crops["global_crops"], None, masks, mask_inputs=False)
-                tp = ssl.sinkhorn_knopp(t_out["global_logits"], 0.03).view(2, B, -1)
-                tpp = ssl.sinkhorn_knopp(t_out["patch_logits"], 0.03)
+                tp = losses.sinkhorn_knopp(t_out["global_logits"], 0.03).view(2, B, -1)
+                tpp = losses.sinkhorn_knopp(t_out["patch_logits"], 0.03)
             mark()
             s = student(crops["global_crops"], crops["local_crops"], masks)
             loss = (dino(s["local_logits"].view(cfg.n_local, B, -1), tp) + dino(s["global_logits"].view(2, B, -1), tp,
@@ -99,7 +99,7 @@ def main() -> None:
         opt.step()
         normalize_prototypes(student)
         with torch.no_grad():
-            ssl.update_ema(teacher, student, 0.996)
+            schedules.update_ema(teacher, student, 0.996)
         mark()
         if timed:
             for k, a, b in zip(stages, t[:-1], t[1:]):
