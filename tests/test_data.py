@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from dinolab import _render
+from dinolab._render import _sample_keys
 from dinolab.data import (
     CLASS_NAMES,
     DOMAINS,
@@ -10,9 +12,9 @@ from dinolab.data import (
     NUM_CLASSES,
     PALETTES,
     SHAPES,
+    TEXTURES,
     WALL_TEXTURES,
     ShapesWorld,
-    _sample_keys,
     load_split,
 )
 
@@ -37,6 +39,17 @@ def test_constants():
     assert MASK_COLORS.shape == (NUM_CLASSES, 3) and MASK_COLORS.dtype == torch.float32
     assert 0 <= MASK_COLORS.min() and MASK_COLORS.max() <= 1
     assert set(DOMAINS) == {"source", "shifted"} and set(DOMAINS["shifted"]) == set(DOMAINS["source"])
+
+
+def test_renderer_ids_follow_the_public_names():
+    # dinolab._render refers to classes and textures by their positions in these tuples.
+    r = _render
+    assert r._NUM_CLASSES == NUM_CLASSES
+    assert (r._FLAT, r._STRIPES, r._CHECKER, r._DOTS, r._NOISE) == tuple(map(TEXTURES.index, TEXTURES))
+    assert TEXTURES == ("flat", "stripes", "checker", "dots", "noise")
+    assert FLOOR_TEXTURES == ("tiles", "planks", "noise") and (r._TILES, r._PLANKS, r._FLOOR_NOISE) == (0, 1, 2)
+    assert WALL_TEXTURES == ("gradient", "stripes", "noise")
+    assert (r._GRADIENT, r._WALL_STRIPES, r._WALL_NOISE) == (0, 1, 2)
 
 
 def test_sample_shapes_dtypes_ranges(ds):
