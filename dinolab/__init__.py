@@ -10,7 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "patch_embed", "rope", "attention", "block", "vit", "weights", "trace", "utils", "data",
+    "patch_embed", "rope", "attention", "block", "vit", "hub", "weights", "trace", "utils", "data",
     "msdeform", "adapter", "pixel_decoder", "heads", "lora", "train", "viz", "pretrain",
     "dino_head", "losses", "masking", "augment", "schedules",
 }

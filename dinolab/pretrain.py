@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import augment, losses, masking, schedules, vit
+from . import augment, hub, losses, masking, schedules
 from .dino_head import DINOHead
 from .utils import normalize
 from .data import ShapesWorld
@@ -115,7 +115,7 @@ class Student(nn.Module):
 
     def __init__(self, cfg: PretrainConfig):
         super().__init__()
-        self.backbone = vit.build(cfg.arch, drop_path_rate=cfg.drop_path_rate, layerscale_init=cfg.layerscale_init)
+        self.backbone = hub.build(cfg.arch, drop_path_rate=cfg.drop_path_rate, layerscale_init=cfg.layerscale_init)
         D = self.backbone.embed_dim
         head = dict(out_dim=cfg.head_out_dim, hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim)
         self.dino_head = DINOHead(D, **head)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .block import swiglu_hidden_dim
+from .vit import DinoVisionTransformer
 
 StateDict = dict[str, Tensor]
 
@@ -317,8 +318,6 @@ def load_backbone(source, *, device=None, **overrides):
     """Build a DinoVisionTransformer from an official ``.pth``, a transformers folder (config.json +
     safetensors, as save_pretrained writes it), a ``.safetensors`` file, or a state dict.
     ``overrides`` fix what tensors cannot tell (e.g. ``norm_layer``, ``num_heads``)."""
-    from .vit import DinoVisionTransformer
-
     sd, hf_config = read_state_dict(source)
     if is_hf_state_dict(sd):
         sd = hf_to_official(sd)

@@ -17,7 +17,7 @@ from dinolab.adapter import (
 )
 from dinolab.msdeform import MSDeformAttn
 from dinolab.trace import trace
-from dinolab.vit import dinov3_vitl16, dinov3_vittiny16
+from dinolab.hub import dinov3_vitl16, dinov3_vittiny16
 
 IDX = [1, 2, 4, 5]  # 4 of the tiny model's 6 blocks
 SMALL = dict(interaction_indexes=IDX, conv_inplane=16, deform_num_heads=4)  # int(192 * 0.5) = 96 = 4 × 24

@@ -21,7 +21,7 @@ from dinolab.heads import (
     depth_bins,
 )
 from dinolab.train import fit
-from dinolab.vit import dinov3_vitb16, dinov3_vitl16, dinov3_vits16
+from dinolab.hub import dinov3_vitb16, dinov3_vitl16, dinov3_vits16
 
 # official FOUR_EVEN_INTERVALS (dinov3/eval/segmentation/models/__init__.py): 24 blocks -> [4, 11, 17, 23]
 LAYERS = {12: [2, 5, 8, 11], 24: [4, 11, 17, 23]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinolab import vit
+from dinolab import hub
 from dinolab.pretrain import PretrainConfig, train
 
 TINY = dict(batch_size=4, steps=3, gram_steps=2, global_size=32, local_size=16, n_local=2, image_size=48,
@@ -24,7 +24,7 @@ def test_single_process_run_saves_a_loadable_checkpoint(tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     import hashlib
     assert meta["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
-    model = vit.dinov3_vittiny16(weights=out).eval()  # strict load into the named config
+    model = hub.dinov3_vittiny16(weights=out).eval()  # strict load into the named config
     teacher_sd = res["teacher"].state_dict()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, teacher_sd[k].to(v.dtype), atol=2e-3, rtol=2e-3)  # fp16 storage
@@ -50,7 +50,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["world_size"] == 2 and len(meta["history"]) == 3
-    vit.dinov3_vittiny16(weights=out)
+    hub.dinov3_vittiny16(weights=out)
 
 
 def _same_state(a: dict, b: dict) -> None:

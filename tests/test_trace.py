@@ -1,11 +1,11 @@
 import torch
 
-from dinolab import vit
+from dinolab import hub
 from dinolab.trace import fmt_shape, trace
 
 
 def test_trace_rows_follow_call_order_and_collapse():
-    model = vit.dinov3_vittiny16().eval()
+    model = hub.dinov3_vittiny16().eval()
     t = trace(model, torch.randn(2, 3, 64, 48))
     names = [r.name for r in t]
     assert names == ["(model)", "patch_embed", "rope_embed", "blocks.0-5", "norm", "head"]
@@ -16,7 +16,7 @@ def test_trace_rows_follow_call_order_and_collapse():
 
 
 def test_trace_on_meta_device_for_vit_l_at_512():
-    model = vit.dinov3_vitl16(device="meta")
+    model = hub.dinov3_vitl16(device="meta")
     t = trace(model, torch.empty(4, 3, 512, 512, device="meta"), max_depth=2)
     rows = {r.name: r for r in t}
     assert rows["patch_embed.proj"].output == "[4,1024,32,32]"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dinolab import vit
+from dinolab import hub, vit
 from dinolab.attention import LinearKMaskedBias, SelfAttention
 from dinolab.block import RMSNorm, SelfAttentionBlock, SwiGLUFFN, swiglu_hidden_dim
 from dinolab.patch_embed import PatchEmbed
@@ -18,14 +18,14 @@ OFFICIAL_KEYS = {"dinov3_vits16": 188, "dinov3_vitb16": 188, "dinov3_vits16plus"
 
 @pytest.mark.parametrize("name", list(OFFICIAL_PARAMS))
 def test_released_configs_match_official_counts(name):
-    model = getattr(vit, name)(device="meta")
+    model = getattr(hub, name)(device="meta")
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
     assert len(model.state_dict()) == OFFICIAL_KEYS[name]
     assert all(p.is_meta for p in model.parameters())
 
 
 def test_7b_on_meta_runs_shapes_only():
-    model = vit.dinov3_vit7b16(device="meta")
+    model = hub.dinov3_vit7b16(device="meta")
     out = model.forward_features(torch.empty(1, 3, 224, 224, device="meta"))
     assert out["x_norm_patchtokens"].shape == (1, 196, 4096)
     assert out["x_prenorm"].shape == (1, 201, 4096)  # 1 cls + 4 storage + 196 patches (MODEL_CARD)
@@ -34,7 +34,7 @@ def test_7b_on_meta_runs_shapes_only():
 
 
 def test_token_layout_and_outputs():
-    model = vit.dinov3_vittiny16().eval()
+    model = hub.dinov3_vittiny16().eval()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         out = model.forward_features(x)
@@ -47,7 +47,7 @@ def test_token_layout_and_outputs():
 
 
 def test_intermediate_layers_semantics():
-    model = vit.dinov3_vittiny16().eval()
+    model = hub.dinov3_vittiny16().eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         last2 = model.get_intermediate_layers(x, n=2, norm=False)
@@ -65,7 +65,7 @@ def test_intermediate_layers_semantics():
 
 
 def test_masks_replace_patch_tokens_with_mask_token():
-    model = vit.dinov3_vittiny16().eval()
+    model = hub.dinov3_vittiny16().eval()
     with torch.no_grad():
         model.mask_token.normal_()
     x = torch.randn(2, 3, 32, 32)
@@ -128,7 +128,7 @@ def test_stochastic_depth_official_batch_subset():
 
 
 def test_layerscale_and_rope_dtype_of_released_models():
-    model = vit.dinov3_vits16(device="meta")
+    model = hub.dinov3_vits16(device="meta")
     assert model.blocks[0].ls1.init_values == 1e-5
     assert model.rope_embed.periods.dtype == torch.float32
     assert model.norm.eps == 1e-5  # layernormbf16 = LayerNorm(eps=1e-5)
@@ -136,7 +136,7 @@ def test_layerscale_and_rope_dtype_of_released_models():
 
 
 def test_clear_errors_on_bad_input():
-    model = vit.dinov3_vittiny16()
+    model = hub.dinov3_vittiny16()
     with pytest.raises(ValueError, match="3 input channels, got 4"):
         model(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
@@ -150,7 +150,7 @@ def test_clear_errors_on_bad_input():
     with pytest.raises(ValueError, match="unknown ffn_layer"):
         vit.DinoVisionTransformer(embed_dim=64, num_heads=4, ffn_layer="geglu")
     with pytest.raises(ValueError, match="unknown configuration"):
-        vit.build("dinov3_vitg14")
+        hub.build("dinov3_vitg14")
 
 
 def test_official_crop_behaviour_when_not_strict():
@@ -170,7 +170,7 @@ def test_patch_embed_is_unfold_then_matmul():
 
 
 def test_train_mode_rope_augmentation_only_in_training():
-    model = vit.dinov3_vittiny16(pos_embed_rope_rescale_coords=2)
+    model = hub.dinov3_vittiny16(pos_embed_rope_rescale_coords=2)
     x = torch.randn(1, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_untied_norms():
 
 
 def test_eval_rope_cache_follows_loaded_periods():
-    model = vit.dinov3_vittiny16().eval()
+    model = hub.dinov3_vittiny16().eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         a = model(x)
@@ -206,7 +206,7 @@ def test_eval_rope_cache_follows_loaded_periods():
         sd["rope_embed.periods"] = sd["rope_embed.periods"] * 1.5
         model.load_state_dict(sd)
         b = model(x)
-        fresh = vit.dinov3_vittiny16().eval()
+        fresh = hub.dinov3_vittiny16().eval()
         fresh.load_state_dict(sd)
         c = fresh(x)
     assert not torch.allclose(a, b)

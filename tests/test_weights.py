@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dinolab import vit, weights
+from dinolab import hub, vit, weights
 from dinolab.weights import CheckpointError
 from hf_models import our_tokens, tiny_hf_model
 
@@ -26,11 +26,11 @@ def test_official_state_dict_keys_match_our_model():
     assert set(model.state_dict()) == set(off) | {"rope_embed.periods"}
 
 
-@pytest.mark.parametrize("name", vit.RELEASED)
+@pytest.mark.parametrize("name", hub.RELEASED)
 def test_config_inference_for_every_released_model(name):
-    model = vit.build(name, device="meta")
+    model = hub.build(name, device="meta")
     cfg = weights.infer_config(model.state_dict())
-    ref = {"qkv_bias": True, "untie_global_and_local_cls_norm": False, **vit.HUB_COMMON, **vit.CONFIGS[name]}
+    ref = {"qkv_bias": True, "untie_global_and_local_cls_norm": False, **hub.HUB_COMMON, **hub.CONFIGS[name]}
     ref["mask_k_bias"] = ref["mask_k_bias"] and ref["qkv_bias"]  # no bias (7B): nothing to mask
     for key in ("embed_dim", "depth", "num_heads", "ffn_layer", "n_storage_tokens", "mask_k_bias", "qkv_bias",
                 "untie_global_and_local_cls_norm", "patch_size"):
@@ -56,9 +56,9 @@ def test_load_from_pth_safetensors_and_transformers_folder(tmp_path):
 
 
 def test_factory_weights_argument(tmp_path):
-    src = vit.dinov3_vittiny16()
+    src = hub.dinov3_vittiny16()
     torch.save(src.state_dict(), tmp_path / "tiny.pth")
-    dst = vit.dinov3_vittiny16(weights=tmp_path / "tiny.pth")
+    dst = hub.dinov3_vittiny16(weights=tmp_path / "tiny.pth")
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
 
 
@@ -73,7 +73,7 @@ def test_pickled_code_is_refused(tmp_path):
 
 
 def test_errors_list_the_keys_and_change_nothing():
-    model = vit.dinov3_vittiny16()
+    model = hub.dinov3_vittiny16()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sd = {k: v.clone() + 1 for k, v in model.state_dict().items()}
     del sd["blocks.2.mlp.fc1.weight"]
@@ -89,9 +89,9 @@ def test_errors_list_the_keys_and_change_nothing():
 
 
 def test_wrong_size_checkpoint_for_factory():
-    small = vit.dinov3_vittiny16().state_dict()
+    small = hub.dinov3_vittiny16().state_dict()
     with pytest.raises(CheckpointError, match="mismatched shape"):
-        vit.dinov3_vits16(weights=small)
+        hub.dinov3_vits16(weights=small)
 
 
 def test_not_a_dinov3_checkpoint():

@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinolab import viz, vit  # noqa: E402
+from dinolab import hub, viz  # noqa: E402
 from dinolab.data import NUM_CLASSES, ShapesWorld  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def build(kind: str) -> nn.Module:
     class ViTClassifier(nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = vit.build("dinov3_vittiny16", layerscale_init=1.0)
+            self.backbone = hub.build("dinov3_vittiny16", layerscale_init=1.0)
             self.head = nn.Linear(2 * self.backbone.embed_dim, NUM_CLASSES)
 
         def forward(self, x):

@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinolab import vit
+from dinolab import hub, vit
 from dinolab.attention import LinearKMaskedBias
 from dinolab.block import RMSNorm, SwiGLUFFN
 from dinolab.trace import trace
@@ -80,8 +80,8 @@ OFFICIAL_PARAMS = {
 SHORT = {"dinov3_vits16": "ViT-S/16", "dinov3_vits16plus": "ViT-S+/16", "dinov3_vitb16": "ViT-B/16",
          "dinov3_vitl16": "ViT-L/16", "dinov3_vitl16plus": "ViT-L+/16", "dinov3_vith16plus": "ViT-H+/16",
          "dinov3_vit7b16": "ViT-7B/16"}
-assert list(OFFICIAL_PARAMS) == vit.RELEASED
-print("released configurations:", len(vit.RELEASED))
+assert list(OFFICIAL_PARAMS) == hub.RELEASED
+print("released configurations:", len(hub.RELEASED))
 
 # %% [markdown]
 # ## 1. The backbone: v1 vs v2 vs v3
@@ -100,7 +100,7 @@ print("released configurations:", len(vit.RELEASED))
 # First, read the DINOv3 facts off a model. ViT-S/16 on the meta device costs no memory:
 
 # %%
-vits_meta = vit.build("dinov3_vits16", device=META).eval()
+vits_meta = hub.build("dinov3_vits16", device=META).eval()
 blk = vits_meta.blocks[0]
 v3 = {
     "patch": vits_meta.patch_embed.patch_size[0],
@@ -278,15 +278,15 @@ plt.show()
 # %% [markdown]
 # ## 4. The seven released DINOv3 backbones, computed
 #
-# `dinolab.vit.build(name, device="meta")` builds each configuration of `dinov3/hub/backbones.py` with the
+# `dinolab.hub.build(name, device="meta")` builds each configuration of `dinov3/hub/backbones.py` with the
 # official constructor arguments. We count the parameters and **assert that they equal the official numbers
 # exactly** (an exact match means every matrix, bias, norm, LayerScale and token has the official shape).
 # The FFN width is read from the built block: SwiGLU keeps 2/3 of `D·ffn_ratio` (it has three matrices
 # instead of two), rounded up to a multiple of 8 (64 for the 7B's `swiglu64`).
 
 # %%
-models = {name: vit.build(name, device=META).eval() for name in vit.RELEASED}
-cfgs = {name: {**vit.HUB_COMMON, **vit.CONFIGS[name]} for name in vit.RELEASED}
+models = {name: hub.build(name, device=META).eval() for name in hub.RELEASED}
+cfgs = {name: {**hub.HUB_COMMON, **hub.CONFIGS[name]} for name in hub.RELEASED}
 
 
 def ffn_of(model):
@@ -352,7 +352,7 @@ def vit_flops(cfg, img=224, n_prefix=None):
     return {k: 2 * v for k, v in macs.items()}
 
 
-for name in vit.RELEASED:
+for name in hub.RELEASED:
     assert ffn_hidden(cfgs[name])[0] == ffn_of(models[name])[1]  # config rule == built model
 f = vit_flops(cfgs["dinov3_vits16"])
 for k, v in f.items():
@@ -376,7 +376,7 @@ for name, m in models.items():
     print(f"{SHORT[name]:10s} ours {ours / 1e9:9.2f} GFLOPs   FlopCounterMode {counted[name] / 1e9:9.2f}   "
           f"difference {100 * rel:.3f}%")
     assert rel < 0.01
-assert all(counted[n] == sum(vit_flops(cfgs[n]).values()) for n in vit.RELEASED)
+assert all(counted[n] == sum(vit_flops(cfgs[n]).values()) for n in hub.RELEASED)
 print("identical counts for all seven configurations")
 
 # %% [markdown]
@@ -393,7 +393,7 @@ print("identical counts for all seven configurations")
 # %%
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-tiny = vit.build("dinov3_vittiny16").eval()
+tiny = hub.build("dinov3_vittiny16").eval()
 img = torch.randn(1, 3, 224, 224)
 with torch.no_grad(), FlopCounterMode(display=False) as fc:
     out = tiny(img)
@@ -403,7 +403,7 @@ with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=Fals
 mathk = fc.get_total_flops()
 print("tiny model:", count_params(tiny), "parameters, output", tuple(out.shape))
 
-f = vit_flops({**vit.HUB_COMMON, **vit.CONFIGS["dinov3_vittiny16"]})
+f = vit_flops({**hub.HUB_COMMON, **hub.CONFIGS["dinov3_vittiny16"]})
 ours, core = sum(f.values()), f["attn_scores"] + f["attn_values"]
 print(f"ours                               {ours / 1e9:.3f} GFLOPs")
 print(f"FlopCounterMode, math SDPA kernel   {mathk / 1e9:.3f} GFLOPs")
@@ -418,7 +418,7 @@ assert fused == ours or fused == ours - core  # a newer PyTorch may count the fu
 
 # %%
 rel_rows = []
-for name in vit.RELEASED:
+for name in hub.RELEASED:
     c, m = cfgs[name], models[name]
     kind, hidden, _ = ffn_of(m)
     tok = {s: 1 + c["n_storage_tokens"] + (s // c["patch_size"]) ** 2 for s in (224, 512)}
@@ -455,7 +455,7 @@ print(f"ViT-B/16, 197 tokens: {sum(deit_b.values()) / 2e9:.1f} GMACs = {sum(deit
 # patch 16 at the same resolution, patch 8 (DINO v1's /8 models) 4×.
 
 # %%
-names = vit.RELEASED
+names = hub.RELEASED
 fl = {s: {n: vit_flops(cfgs[n], s) for n in names} for s in (224, 512)}
 fig, axes = plt.subplots(1, 3, figsize=(10, 3.7), dpi=80)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.patches import Rectangle
 
-from dinolab import utils, vit
+from dinolab import hub, utils
 from dinolab.patch_embed import PatchEmbed
 from dinolab.trace import trace
 
@@ -152,7 +152,7 @@ print(f"token {n} = grid cell (row {r}, col {c}) = (n // w, n % w)")
 # computing anything (and with no memory for the weights):
 
 # %%
-vits = vit.dinov3_vits16(device="meta")
+vits = hub.dinov3_vits16(device="meta")
 seq_meta, (hh, ww) = vits.prepare_tokens_with_masks(torch.empty(1, 3, 224, 224, device="meta"))
 print(f"ViT-S/16 tokens    {tuple(seq_meta.shape)}   = 1 cls + {vits.n_storage_tokens} storage + {hh}x{ww} patches")
 assert seq_meta.shape[1] == 1 + 4 + 196
@@ -348,8 +348,8 @@ print("PatchEmbed(normalize(img)) == folded PatchEmbed(img)")
 
 # %%
 rows = []
-for name in vit.RELEASED:
-    m = vit.build(name, device="meta")
+for name in hub.RELEASED:
+    m = hub.build(name, device="meta")
     Dm = m.embed_dim
     n_pe = utils.count_params(m.patch_embed)
     assert n_pe == 3 * 16 * 16 * Dm + Dm
@@ -525,7 +525,7 @@ print("shift 16 px: new token (r, c) == old token (r, c + 1) for all 14 x 13 sha
 trace(PatchEmbed(embed_dim=384, flatten_embedding=False), torch.empty(1, 3, 224, 224))
 
 # %%
-trace(vit.dinov3_vitl16(device="meta").patch_embed, torch.empty(4, 3, 512, 512, device="meta"))
+trace(hub.dinov3_vitl16(device="meta").patch_embed, torch.empty(4, 3, 512, 512, device="meta"))
 
 # %% [markdown]
 # **What to remember**

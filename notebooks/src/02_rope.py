@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from dinolab import vit
+from dinolab import hub
 from dinolab.attention import SelfAttention
 from dinolab.rope import RopePositionEmbedding
 from dinolab.trace import trace
@@ -668,7 +668,7 @@ print(f"rescale: one factor {ratio[0].item():.3f} on both axes; jitter: row x{ra
 # (`dinov3_vittiny16`: 6 blocks, hub RoPE settings) by wrapping its `rope_embed.coords`.
 
 # %%
-tiny = vit.dinov3_vittiny16()
+tiny = hub.dinov3_vittiny16()
 print("tiny ViT rope settings: rescale_coords =", tiny.rope_embed.rescale_coords, "| blocks:", len(tiny.blocks))
 recorded = []
 original_coords = tiny.rope_embed.coords
@@ -729,7 +729,7 @@ assert rel_err < 2 ** -8
 # `dinolab` computes them once for all 12 blocks, so the table shows one call).
 
 # %%
-vits = vit.dinov3_vits16(device="meta").eval()
+vits = hub.dinov3_vits16(device="meta").eval()
 for size in [(512, 512), (224, 384)]:
     print(trace(vits, torch.empty(1, 3, *size, device="meta"), names=["patch_embed", "rope_embed", "blocks.0.attn", "norm"]))
     print()

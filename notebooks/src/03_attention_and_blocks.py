@@ -34,10 +34,11 @@ from torch import nn
 
 from dinolab.attention import LinearKMaskedBias, SelfAttention
 from dinolab.block import LayerScale, Mlp, RMSNorm, SelfAttentionBlock, SwiGLUFFN, swiglu_hidden_dim
+from dinolab.hub import CONFIGS, HUB_COMMON, RELEASED, build
 from dinolab.rope import RopePositionEmbedding
 from dinolab.trace import trace
 from dinolab.utils import count_params, get_device, seed_everything
-from dinolab.vit import CONFIGS, HUB_COMMON, NORM_LAYERS, RELEASED, build
+from dinolab.vit import NORM_LAYERS
 
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinolab import trace, vit, weights
+from dinolab import hub, trace, weights
 from dinolab.block import Mlp, SelfAttentionBlock
 from dinolab.patch_embed import PatchEmbed
 from dinolab.rope import RopePositionEmbedding
@@ -68,11 +68,11 @@ print("device type:", DEVICE.type)
 # coordinate augmentation (`rescale_coords=2`). In eval the result is the same for every block, so we compute it
 # once below (and `dinolab.vit` caches it in eval mode: our choice, same numbers).
 #
-# We use the settings every released model shares (`dinov3/hub/backbones.py`, in `dinolab.vit.HUB_COMMON`)
+# We use the settings every released model shares (`dinov3/hub/backbones.py`, in `dinolab.hub.HUB_COMMON`)
 # with the small width of `dinov3_vittiny16`, a configuration of ours that notebook 05 pretrains on a CPU.
 
 # %%
-C = {**vit.HUB_COMMON, **vit.CONFIGS["dinov3_vittiny16"]}
+C = {**hub.HUB_COMMON, **hub.CONFIGS["dinov3_vittiny16"]}
 D, DEPTH, HEADS, N_STORAGE = C["embed_dim"], C["depth"], C["num_heads"], C["n_storage_tokens"]
 for k in ["patch_size", "embed_dim", "depth", "num_heads", "ffn_ratio", "ffn_layer", "n_storage_tokens",
           "layerscale_init", "norm_layer", "mask_k_bias", "pos_embed_rope_base", "pos_embed_rope_rescale_coords"]:
@@ -145,7 +145,7 @@ for k, v in mine.items():
 # matches) and compare all four outputs.
 
 # %%
-model_r = vit.dinov3_vittiny16().eval()  # "_r": random weights
+model_r = hub.dinov3_vittiny16().eval()  # "_r": random weights
 result = model_r.load_state_dict(parts.state_dict(), strict=True)
 model_r = model_r.to(DEVICE)
 print("missing:", result.missing_keys, " unexpected:", result.unexpected_keys)
@@ -318,8 +318,8 @@ def det_out_indices(depth: int) -> list[int]:
 
 
 rows = ["| model | depth | segmentation / depth (FOUR_EVEN_INTERVALS) | detection |", "|---|---|---|---|"]
-for name in vit.RELEASED:
-    dep = vit.CONFIGS[name]["depth"]
+for name in hub.RELEASED:
+    dep = hub.CONFIGS[name]["depth"]
     rows.append(f"| `{name}` | {dep} | `{seg_out_indices(dep)}` | `{det_out_indices(dep)}` |")
 display(Markdown("\n".join(rows)))
 assert seg_out_indices(12) == [2, 5, 8, 11] and seg_out_indices(24) == [4, 11, 17, 23]
@@ -328,7 +328,7 @@ assert seg_out_indices(40) == [9, 19, 29, 39] == det_out_indices(40)
 # %% [markdown]
 # ## 4. The seven released configurations, side by side
 #
-# `vit.build(name, device="meta")` builds a model whose tensors have shapes but no storage, so even the 6.7 B
+# `hub.build(name, device="meta")` builds a model whose tensors have shapes but no storage, so even the 6.7 B
 # model costs nothing. Parameter counts and state-dict keys are read off those models; FLOPs come from
 # `torch.utils.flop_counter` running a forward pass on meta tensors at 224 × 224 (on meta, attention is decomposed
 # into matmuls, which the counter sees; on the CPU the fused attention kernel is not counted). Memory = parameters ×
@@ -356,9 +356,9 @@ def gflops(model, size=224, batch=1) -> float:
 rows = ["| model | D | depth | heads | D_head | FFN (hidden) | qkv bias | params | keys | fp32 | bf16 | GFLOPs @224 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 table = {}
-for name in [*vit.RELEASED, "dinov3_vittiny16"]:
-    m = vit.build(name, device="meta").eval()
-    cfg = vit.CONFIGS[name]
+for name in [*hub.RELEASED, "dinov3_vittiny16"]:
+    m = hub.build(name, device="meta").eval()
+    cfg = hub.CONFIGS[name]
     mlp = m.blocks[0].mlp
     hidden = mlp.fc1.out_features if hasattr(mlp, "fc1") else mlp.w1.out_features
     n_par, n_keys = count_params(m), len(m.state_dict())
@@ -367,7 +367,7 @@ for name in [*vit.RELEASED, "dinov3_vittiny16"]:
                 f"{cfg['ffn_layer']} ({hidden}) | {m.blocks[0].attn.qkv.bias is not None} | {n_par:,} | {n_keys} | "
                 f"{human_bytes(4 * n_par)} | {human_bytes(2 * n_par)} | {table[name]['gflops']:.1f} |")
 display(Markdown("\n".join(rows)))
-for name in vit.RELEASED:
+for name in hub.RELEASED:
     assert table[name]["params"] == OFFICIAL_PARAMS[name], name
     assert table[name]["keys"] == OFFICIAL_KEYS[name], name
 print("parameter counts and state-dict key counts equal the official ones for all 7 released models")
@@ -386,7 +386,7 @@ print("parameter counts and state-dict key counts equal the official ones for al
 # 2·N·(weights of the Linear layers) + 2·2·N²·D per block (q·kᵀ and attention·v) + the patch conv.
 
 # %%
-m = vit.build("dinov3_vitl16", device="meta")
+m = hub.build("dinov3_vitl16", device="meta")
 N_tok, n_patch = 1 + 4 + 14 * 14, 14 * 14
 linear_w = sum(mod.weight.numel() for mod in m.blocks.modules() if isinstance(mod, nn.Linear))
 formula = 2 * N_tok * linear_w + 4 * N_tok**2 * m.embed_dim * m.n_blocks + 2 * n_patch * m.patch_embed.proj.weight.numel()
@@ -400,7 +400,7 @@ assert abs(formula / 1e9 - table["dinov3_vitl16"]["gflops"]) < 1e-6 * formula
 # `dinolab.trace` with hooks on every module down to depth 3, on the meta device.
 
 # %%
-vitl = vit.build("dinov3_vitl16", device="meta").eval()
+vitl = hub.build("dinov3_vitl16", device="meta").eval()
 x_meta = torch.empty(4, 3, 512, 512, device="meta")
 with FlopCounterMode(display=False) as fc:
     flow = trace.trace(vitl, x_meta, max_depth=3)
@@ -443,7 +443,7 @@ import torchinfo
 
 def tiny_summary():
     seed_everything(0)
-    tiny = vit.dinov3_vittiny16().eval()
+    tiny = hub.dinov3_vittiny16().eval()
     return tiny, torchinfo.summary(tiny, input_size=(1, 3, 224, 224), depth=2, verbose=0, device="cpu")
 
 
@@ -557,7 +557,7 @@ assert all(sources(k) != "—" for k in off_sd)
 # listing every missing, unexpected and mis-shaped key; the model is left exactly as it was.
 
 # %%
-target = vit.dinov3_vittiny16()
+target = hub.dinov3_vittiny16()
 before = {k: v.clone() for k, v in target.state_dict().items()}
 bad = {k: v + 1 for k, v in target.state_dict().items()}
 del bad["blocks.3.mlp.fc1.weight"]                 # missing
@@ -601,7 +601,7 @@ elif TINY_CKPT.exists():
     print("DINOV3_WEIGHTS not set: using the tiny checkpoint data/dinov3_tiny_shapesworld.pth (from notebook 05)")
 else:
     seed_everything(0)
-    model = vit.dinov3_vittiny16().to(DEVICE).eval()
+    model = hub.dinov3_vittiny16().to(DEVICE).eval()
     SOURCE = "random init"
     print("DINOV3_WEIGHTS not set: using dinov3_vittiny16 with its official random init "
           "(set DINOV3_WEIGHTS to an official .pth or a transformers folder to see real features)")
@@ -690,7 +690,7 @@ plt.show()
 # The shape table of the tiny model at 224 × 224 (from `dinolab.trace`):
 
 # %%
-print(trace.trace(vit.dinov3_vittiny16(device="meta").eval(), torch.empty(1, 3, 224, 224, device="meta")))
+print(trace.trace(hub.dinov3_vittiny16(device="meta").eval(), torch.empty(1, 3, 224, 224, device="meta")))
 
 # %% [markdown]
 # **What to remember**
@@ -718,5 +718,5 @@ print(trace.trace(vit.dinov3_vittiny16(device="meta").eval(), torch.empty(1, 3, 
 # 3. Compute the fp32 size of the attention matrix of the 7B (32 heads) for one 1024 × 1024 image if it were
 #    materialised. How does it compare with the weights?
 # 4. Feed a 130 × 192 image to `model_r`. What does our `PatchEmbed` do, and what would the official one do?
-# 5. Set `n_storage_tokens=0` in `vit.build("dinov3_vittiny16", n_storage_tokens=0)`: which outputs change shape,
+# 5. Set `n_storage_tokens=0` in `hub.build("dinov3_vittiny16", n_storage_tokens=0)`: which outputs change shape,
 #    and what does `weights.load_into` say when you load `model_r.state_dict()` into it?

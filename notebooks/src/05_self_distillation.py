@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinolab import augment, dino_head, losses, masking, schedules, trace, vit
+from dinolab import augment, dino_head, hub, losses, masking, schedules, trace
 from dinolab.data import CLASS_NAMES, MASK_COLORS, ShapesWorld
 from dinolab.heads import knn_accuracy
 from dinolab.pretrain import PretrainConfig, Student, train
@@ -782,12 +782,12 @@ plt.show()
 # %%
 cfg_run = PretrainConfig(**{f.name: (tuple(rc[f.name]) if isinstance(rc.get(f.name), list) else rc[f.name])
                             for f in fields(PretrainConfig) if f.name in rc})
-pretrained = vit.build(rc["arch"], weights=CKPT)  # strict load; fp16 values are copied into fp32 parameters
+pretrained = hub.build(rc["arch"], weights=CKPT)  # strict load; fp16 values are copied into fp32 parameters
 torch.manual_seed(cfg_run.seed)
 random_init = Student(cfg_run).backbone  # train() seeds, then builds the Student: the same initial backbone
 models = {"pretrained": pretrained.eval().to(DEVICE), "random init": random_init.eval().to(DEVICE)}
 if CKPT_PHASE1.exists():  # the teacher at the end of phase 1, before the Gram phase
-    phase1_model = vit.build(rc["arch"], weights=CKPT_PHASE1)
+    phase1_model = hub.build(rc["arch"], weights=CKPT_PHASE1)
     models = {"pretrained": models["pretrained"], "phase 1 (no Gram)": phase1_model.eval().to(DEVICE),
               "random init": models["random init"]}
 print("models:", list(models))

@@ -40,7 +40,7 @@ from matplotlib.patches import Rectangle
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinolab import vit
+from dinolab import hub
 from dinolab.adapter import DINOv3Adapter, SpatialPriorModule
 from dinolab.data import MASK_COLORS, NUM_CLASSES, ShapesWorld
 from dinolab.trace import Trace, trace
@@ -269,8 +269,8 @@ assert rows["stem"].output == "[4,64,128,128]" and rows["conv4"].output == "[4,2
 # %%
 conv_part = count_params(SpatialPriorModule(64, embed_dim=1)) - (64 + 128 + 256 + 256 + 4)  # the D-free part
 rows_p = []
-for name in vit.RELEASED:
-    bb = vit.build(name, device="meta")
+for name in hub.RELEASED:
+    bb = hub.build(name, device="meta")
     Dm = bb.embed_dim
     with torch.device("meta"):
         n_spm = count_params(SpatialPriorModule(64, Dm))
@@ -297,7 +297,7 @@ def flops_by_module(model, x):
 
 with torch.device("meta"):
     total_spm, per_module = flops_by_module(spm_l, torch.empty(1, 3, 512, 512))
-    vitl = vit.dinov3_vitl16(device="meta")
+    vitl = hub.dinov3_vitl16(device="meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         vitl.forward_features(torch.empty(1, 3, 512, 512))
@@ -341,7 +341,7 @@ for level in range(1, 5):
         chain.append(my_spm.down[level - 2].conv)
     chain_lv = chain + [my_spm.proj[level - 1]]
     rf_rows.append((level, *walk(chain_lv)))
-patch = vit.dinov3_vittiny16(device="meta").patch_embed.proj
+patch = hub.dinov3_vittiny16(device="meta").patch_embed.proj
 print(f"{'level':8s} {'effective stride':>17s} {'receptive field (px)':>21s} {'centre of cell i (px)':>22s}")
 for level, r, j, start in rf_rows:
     print(f"c{level:<7d} {j:17d} {r:21d} {f'{j}*i + {start:g}':>22s}")
@@ -495,7 +495,7 @@ seed_everything(0)
 spm_init = MySPM(dim=D)
 spm_init.apply(DINOv3Adapter._init_weights)  # the official adapter's init, applied to our module
 spm_init.eval()
-backbone = vit.dinov3_vittiny16(weights=CKPT).eval()
+backbone = hub.dinov3_vittiny16(weights=CKPT).eval()
 
 
 def stem_features(spm, x):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import torchinfo
 from matplotlib.patches import FancyBboxPatch
 
-from dinolab import vit
+from dinolab import hub
 from dinolab.adapter import DINOv3Adapter, Injector, deform_inputs
 from dinolab.data import MASK_COLORS, ShapesWorld
 from dinolab.msdeform import ms_deform_attn
@@ -245,7 +245,7 @@ plt.show()
 #   `drop_path_rate = 0.3`, `add_vit_feature`, extra extractors, `with_cp`.
 
 # %%
-backbone = vit.dinov3_vittiny16(weights=CKPT).eval()
+backbone = hub.dinov3_vittiny16(weights=CKPT).eval()
 D, DEPTH = backbone.embed_dim, len(backbone.blocks)
 IDX, HEADS = [1, 2, 4, 5], 3
 print(f"tiny backbone: D={D}, {DEPTH} blocks; official rule for {DEPTH} blocks: "
@@ -422,7 +422,7 @@ print("adapter_by_hand(x) == DINOv3Adapter(x) for f1..f4:", {k: list(v.shape) fo
 # outputs (the concatenated `c`, the split, the resized ViT maps).
 
 # %%
-vitl = vit.dinov3_vitl16(device="meta")
+vitl = hub.dinov3_vitl16(device="meta")
 adapter_l = DINOv3Adapter(vitl, interaction_indexes=[4, 11, 17, 23], device="meta")  # official defaults otherwise
 x_l = torch.empty(4, 3, 512, 512, device="meta")
 print("ViT-L/16, 512 x 512, batch 4 (meta):")
@@ -492,8 +492,8 @@ def official_indexes(depth):
 
 
 print(f"{'model':20s} {'D':>5s} {'indexes':>16s} {'adapter':>12s} {'+ injectors':>12s} {'backbone':>15s}")
-for name in vit.RELEASED:
-    bb = vit.build(name, device="meta")
+for name in hub.RELEASED:
+    bb = hub.build(name, device="meta")
     idx = official_indexes(len(bb.blocks))
     n_plain = count_params(DINOv3Adapter(bb, interaction_indexes=idx, device="meta"), trainable_only=True)
     n_inj = count_params(DINOv3Adapter(bb, interaction_indexes=idx, use_injector=True, device="meta"),

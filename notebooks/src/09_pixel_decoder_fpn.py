@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinolab import data, vit
+from dinolab import data, hub
 from dinolab.adapter import DINOv3Adapter
 from dinolab.heads import FPNSegHead
 from dinolab.pixel_decoder import (
@@ -84,7 +84,7 @@ SEED = {  # the seed's numbers ("完整的张量流维度跟踪" and the FPNHead
 }
 
 with torch.device("meta"):
-    backbone_L = vit.dinov3_vitl16(device="meta")
+    backbone_L = hub.dinov3_vitl16(device="meta")
     adapter_L = DINOv3Adapter(backbone_L, interaction_indexes=[4, 11, 17, 23], device="meta")
     decoder_L = MSDeformAttnPixelDecoder(1024, **DINOV3_M2F_CONFIG)
     seed_head_L = FPNSegHead([2048] * 3, 256, num_classes=1, upsample_factor=8)
@@ -165,7 +165,7 @@ def shapesworld(split: str, n: int) -> dict:
             "depth": b["depth"][:, CROP[0], CROP[1]].contiguous()}
 
 
-backbone = vit.dinov3_vittiny16(weights=CKPT).eval().to(DEVICE)
+backbone = hub.dinov3_vittiny16(weights=CKPT).eval().to(DEVICE)
 seed_everything(0)
 adapter = DINOv3Adapter(backbone, interaction_indexes=[1, 2, 4, 5], conv_inplane=32, deform_num_heads=6, drop_path_rate=0.0,
                         with_cp=False).to(DEVICE)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinolab import data, vit
+from dinolab import data, hub
 from dinolab.adapter import DINOv3Adapter
 from dinolab.heads import FPNSegHead, LinearHead
 from dinolab.pixel_decoder import MSDeformAttnPixelDecoder
@@ -121,9 +121,9 @@ plt.show()
 
 # %%
 LAYERS = [1, 2, 4, 5]
-backbone = vit.dinov3_vittiny16(weights=CKPT).eval().to(DEVICE)
+backbone = hub.dinov3_vittiny16(weights=CKPT).eval().to(DEVICE)
 seed_everything(0)
-backbone_random = vit.dinov3_vittiny16().eval().to(DEVICE)  # same architecture, random init
+backbone_random = hub.dinov3_vittiny16().eval().to(DEVICE)  # same architecture, random init
 
 
 def cache_features(bb: nn.Module) -> dict:
@@ -392,7 +392,7 @@ sd = backbone.state_dict()
 w_rgb = sd["patch_embed.proj.weight"]  # [D, 3, 16, 16]
 backbone_rgbd = {}
 for init, w_depth in [("zeros", torch.zeros_like(w_rgb[:, :1])), ("mean", w_rgb.mean(1, keepdim=True))]:
-    bb = vit.dinov3_vittiny16(in_chans=4).eval().to(DEVICE)
+    bb = hub.dinov3_vittiny16(in_chans=4).eval().to(DEVICE)
     bb.load_state_dict({**sd, "patch_embed.proj.weight": torch.cat([w_rgb, w_depth], 1)}, strict=True)
     backbone_rgbd[init] = bb
 print("patch_embed.proj.weight:", tuple(w_rgb.shape), "->", tuple(backbone_rgbd["zeros"].patch_embed.proj.weight.shape))

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from dinolab import trace, vit
+from dinolab import hub, trace
 from dinolab.data import ShapesWorld
 from dinolab.heads import DPTHead, FeaturesToDepth, LinearHead, SigLoss, bin_weights, depth_bins
 from dinolab.train import absrel, delta1, extract_features, fit, rmse
@@ -53,7 +53,7 @@ SCALE = 1  # a GPU reader can raise this: more training images and more steps in
 print("device type:", DEVICE.type)
 
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
-backbone = vit.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
+backbone = hub.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
 D, DEPTH = backbone.embed_dim, len(backbone.blocks)
 print(f"pretrained tiny backbone: D={D}, {DEPTH} blocks, {count_params(backbone):,} parameters (frozen)")
 
@@ -174,7 +174,7 @@ def cache(model):
 
 f_tr, f_va = cache(backbone)
 seed_everything(0)
-random_backbone = vit.dinov3_vittiny16().to(DEVICE).eval()  # same architecture, random init
+random_backbone = hub.dinov3_vittiny16().to(DEVICE).eval()  # same architecture, random init
 r_tr, r_va = cache(random_backbone)
 print("cached train:", [(tuple(pm.shape), tuple(c.shape)) for pm, c in f_tr][:1], f"x {len(f_tr)} layers")
 print("cached val:  ", [(tuple(pm.shape), tuple(c.shape)) for pm, c in f_va][:1], f"x {len(f_va)} layers")

@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from dinolab import trace, vit
+from dinolab import hub, trace
 from dinolab.data import CLASS_NAMES, MASK_COLORS, NUM_CLASSES, ShapesWorld
 from dinolab.heads import LinearClassifier, create_linear_input, knn_accuracy, knn_predict
 from dinolab.train import confusion_matrix, extract_features
@@ -49,7 +49,7 @@ SCALE = 1  # a GPU reader can raise this: more training images
 print("device type:", DEVICE.type)
 
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
-backbone = vit.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
+backbone = hub.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
 D = backbone.embed_dim
 print(f"pretrained tiny backbone: D={D}, {len(backbone.blocks)} blocks, {count_params(backbone):,} parameters (frozen)")
 
@@ -152,7 +152,7 @@ def cache(model):
 
 feats = {"pretrained": cache(backbone)}
 seed_everything(0)
-feats["random init"] = cache(vit.dinov3_vittiny16().to(DEVICE).eval())
+feats["random init"] = cache(hub.dinov3_vittiny16().to(DEVICE).eval())
 for name, f in feats.items():
     print(f"{name:11s}", {split: f"{len(v)} × ({tuple(v[-1][0].shape)}, {tuple(v[-1][1].shape)})" for split, v in f.items()})
 

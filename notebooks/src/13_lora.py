@@ -46,7 +46,7 @@ from matplotlib.patches import Rectangle
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinolab import lora, trace, vit
+from dinolab import hub, lora, trace
 from dinolab.data import ShapesWorld
 from dinolab.heads import LinearHead
 from dinolab.train import extract_features, fit, miou
@@ -59,7 +59,7 @@ SCALE = 1  # a GPU reader can raise this: more images and more steps in section 
 print("device type:", DEVICE.type)
 
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
-pretrained = vit.dinov3_vittiny16(weights=CKPT).eval()
+pretrained = hub.dinov3_vittiny16(weights=CKPT).eval()
 D, DEPTH = pretrained.embed_dim, len(pretrained.blocks)
 print(f"pretrained tiny backbone: D={D}, {DEPTH} blocks, {count_params(pretrained):,} parameters")
 
@@ -268,8 +268,8 @@ RANKS = (4, 8, 16, 64)
 rows = ["| model | D | blocks | backbone | " + " | ".join(f"r = {k}" for k in RANKS) + " |",
         "|---|---|---|---|" + "---|" * len(RANKS)]
 share = {}
-for name in vit.RELEASED + ["dinov3_vittiny16"]:
-    model_m = vit.build(name, device="meta")
+for name in hub.RELEASED + ["dinov3_vittiny16"]:
+    model_m = hub.build(name, device="meta")
     n_backbone = count_params(model_m)
     cells = []
     for k in RANKS:
@@ -290,7 +290,7 @@ display(Markdown("\n".join(rows)))
 
 # %%
 assert share["dinov3_vit7b16", 4] < share["dinov3_vitl16", 4] < share["dinov3_vits16", 4] < 0.1
-assert all(share[n, 64] < 0.1 for n in vit.RELEASED)
+assert all(share[n, 64] < 0.1 for n in hub.RELEASED)
 print(f"r=4: ViT-S {share['dinov3_vits16', 4]:.2%} (r/(3D) = {4 / (3 * 384):.2%}), ViT-L {share['dinov3_vitl16', 4]:.2%}, "
       f"ViT-7B {share['dinov3_vit7b16', 4]:.3%} of the backbone")
 
@@ -479,7 +479,7 @@ methods["linear probe"] = dict(model=probe, hist=hist, trainable=count_params(pr
                                backbone_trainable=0)
 
 # 2. LoRA: q and v of every block, r = 4
-bb_lora = vit.dinov3_vittiny16(weights=CKPT)
+bb_lora = hub.dinov3_vittiny16(weights=CKPT)
 torch.manual_seed(1)
 lora.apply_lora(bb_lora, r=R_LORA, alpha=ALPHA_LORA, targets=("q", "v"))  # freezes the rest
 lora_model = SegModel(bb_lora).to(DEVICE)  # the head is attached after apply_lora: it stays trainable
@@ -488,7 +488,7 @@ methods["LoRA r=4 (q, v)"] = dict(model=lora_model, backbone_trainable=lora.coun
                                           {"params": list(lora_model.head.parameters()), "lr": LR_HEAD}])
 
 # 3. full fine-tuning: every backbone parameter
-bb_full = vit.dinov3_vittiny16(weights=CKPT)
+bb_full = hub.dinov3_vittiny16(weights=CKPT)
 full_model = SegModel(bb_full).to(DEVICE)
 methods["full fine-tuning"] = dict(model=full_model, backbone_trainable=count_params(bb_full, trainable_only=True),
                                    groups=[{"params": list(bb_full.parameters()), "lr": LR_FULL},
@@ -636,7 +636,7 @@ assert mem["linear probe"]["act"] < 0.1 * mem["LoRA r=4 (q, v)"]["act"]
 #   next cell computes for ViT-7B in fp32.
 
 # %%
-n7b = count_params(vit.build("dinov3_vit7b16", device="meta"))
+n7b = count_params(hub.build("dinov3_vit7b16", device="meta"))
 n7b_lora = lora.lora_param_count(4096, 40, 4)
 print(f"saved activations: LoRA / full = {mem['LoRA r=4 (q, v)']['act'] / mem['full fine-tuning']['act']:.2f}")
 print(f"ViT-7B, fp32, before activations: full fine-tuning {16 * n7b / 1e9:.1f} GB (weights + grads + 2 AdamW moments); "
@@ -743,7 +743,7 @@ torch.testing.assert_close(tokens_after, tokens_before, rtol=1e-4, atol=1e-4)
 assert all(m.merged for m in lora.lora_modules(bb_lora).values())
 
 # a plain backbone holding the merged weights: original keys, strict load
-plain = vit.dinov3_vittiny16().to(DEVICE).eval()
+plain = hub.dinov3_vittiny16().to(DEVICE).eval()
 plain.load_state_dict(lora.merged_state_dict(bb_lora), strict=True)
 with torch.no_grad():
     torch.testing.assert_close(plain.forward_features(x_check)["x_norm_patchtokens"], tokens_after, rtol=1e-5, atol=1e-5)
@@ -799,7 +799,7 @@ print(f"{len(sd_lora)} LoRA tensors, e.g. {next(iter(sd_lora))} {tuple(next(iter
       f"{n_lora_bytes / 1024:.0f} KB  vs  the full fine-tuned backbone {n_full_bytes / MB:.1f} MB")
 print("config:", lora.lora_config(bb_lora))
 
-fresh = lora.apply_lora(vit.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval(), **{k: v for k, v in lora.lora_config(bb_lora).items()})
+fresh = lora.apply_lora(hub.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval(), **{k: v for k, v in lora.lora_config(bb_lora).items()})
 lora.load_lora(fresh, sd_lora)
 with torch.no_grad():
     torch.testing.assert_close(fresh.forward_features(x_check)["x_norm_patchtokens"], tokens_after, rtol=1e-4, atol=1e-4)
