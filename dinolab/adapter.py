@@ -637,13 +637,13 @@ def _backbone_in_chans(backbone: nn.Module) -> int | None:
 
 
 def _rope(bb: nn.Module, h: int, w: int):
-    if hasattr(bb, "_rope"):  # dinolab's ViT (caches in eval, fresh per block in training)
-        return bb._rope(h, w)
+    if hasattr(bb, "rope_for"):  # dinolab's ViT
+        return bb.rope_for(h, w)
     return bb.rope_embed(H=h, W=w) if getattr(bb, "rope_embed", None) is not None else None
 
 
 def _final_norm(bb: nn.Module, tokens: Tensor) -> Tensor:
     """The final norm as ``get_intermediate_layers(norm=True)`` applies it."""
-    if hasattr(bb, "_split_norm"):
-        return torch.cat(bb._split_norm(tokens), dim=1)
+    if hasattr(bb, "final_norm"):  # dinolab's ViT (untied cls/patch norms included)
+        return bb.final_norm(tokens)
     return bb.norm(tokens)

@@ -163,11 +163,17 @@ class DinoVisionTransformer(nn.Module):
             return x[:, :p], x[:, p:]
         return head, self.norm(x[:, p:])
 
+    def final_norm(self, tokens: Tensor) -> Tensor:
+        """The final norm of a whole token sequence (B, 1 + n_storage + H*W, D), as
+        ``get_intermediate_layers(norm=True)`` applies it."""
+        return torch.cat(self._split_norm(tokens), dim=1)
+
     # ------------------------------------------------------------------ forward
-    def _rope(self, H: int, W: int) -> tuple[Tensor, Tensor]:
-        """(sin, cos) for one block. In training each block draws its own RoPE augmentation (the
-        official code calls rope_embed once per block); in eval the result is the same every time,
-        so it is computed once per (H, W) and device and reused by every block."""
+    def rope_for(self, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """(sin, cos), each (H*W, D_head), for an H x W patch grid: what one block is given.
+        In training each block draws its own RoPE augmentation (the official code calls rope_embed
+        once per block); in eval the result is the same every time, so it is computed once per
+        (H, W) and device and reused by every block."""
         if self.training:
             return self.rope_embed(H=H, W=W)
         p = self.rope_embed.periods  # the key changes when periods are moved, cast or loaded in place
@@ -187,7 +193,7 @@ class DinoVisionTransformer(nn.Module):
     def _forward_features_one(self, x: Tensor, masks: Tensor | None, local_crops: bool = False) -> dict:
         x, (H, W) = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
-            x = blk(x, self._rope(H, W))
+            x = blk(x, self.rope_for(H, W))
         head, patches = self._split_norm(x, local_crops)
         return {
             "x_norm_clstoken": head[:, 0],
@@ -222,11 +228,11 @@ class DinoVisionTransformer(nn.Module):
         tokens, (H, W) = self.prepare_tokens_with_masks(x)
         outputs = []
         for i, blk in enumerate(self.blocks[: max(take) + 1]):  # no need to run blocks after the last one taken
-            tokens = blk(tokens, self._rope(H, W))
+            tokens = blk(tokens, self.rope_for(H, W))
             if i in take:
                 outputs.append(tokens)
         if norm:
-            outputs = [torch.cat(self._split_norm(o), dim=1) for o in outputs]
+            outputs = [self.final_norm(o) for o in outputs]
         p = self.n_storage_tokens + 1
         cls = [o[:, 0] for o in outputs]
         extra = [o[:, 1:p] for o in outputs]

@@ -216,3 +216,19 @@ def test_eval_rope_cache_follows_loaded_periods():
 def test_unknown_keyword_is_a_type_error_that_names_it():
     with pytest.raises(TypeError, match="drop_path"):
         vit.DinoVisionTransformer(drop_path=0.1)  # the real name is drop_path_rate
+
+
+def test_public_rope_for_and_final_norm():
+    """What the adapter uses: rope_for = the (sin, cos) a block gets, final_norm = the norm of forward_features."""
+    model = hub.dinov3_vittiny16(untie_cls_and_patch_norms=True).eval()
+    with torch.no_grad():
+        model.cls_norm.weight.fill_(2.0)  # untied: the cls/storage tokens and the patches take different norms
+        out = model.forward_features(torch.randn(2, 3, 32, 48))
+    sin, cos = model.rope_for(2, 3)
+    ref_sin, ref_cos = model.rope_embed(H=2, W=3)
+    assert sin.shape == (6, 64)
+    torch.testing.assert_close((sin, cos), (ref_sin, ref_cos))
+    normed = model.final_norm(out["x_prenorm"])
+    torch.testing.assert_close(normed[:, 0], out["x_norm_clstoken"])
+    torch.testing.assert_close(normed[:, 1:5], out["x_storage_tokens"])
+    torch.testing.assert_close(normed[:, 5:], out["x_norm_patchtokens"])
