@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import NUM_CLASSES, ShapesWorld
-from .heads import knn_predict
+from .linear import knn_predict
 from .train import extract_features, miou
 
 OBJECT_SCALE = 3.0  # object size multiplier of the object-centric split

@@ -24,7 +24,7 @@ from dinolab.pixel_decoder import (  # noqa: E402
     PositionEmbeddingSine,
     pixel_decoder_shapes,
 )
-from dinolab.heads import FPNSegHead  # noqa: E402
+from dinolab.seg_heads import FPNSegHead  # noqa: E402
 from dinolab.train import fit  # noqa: E402
 
 # transformers' encoder layer -> official (DINOv3 / Mask2Former) names. Same computation, renamed modules:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinolab import losses  # noqa: E402
 from dinolab.data import ShapesWorld  # noqa: E402
-from dinolab.heads import knn_accuracy  # noqa: E402
+from dinolab.linear import knn_accuracy  # noqa: E402
 from dinolab.pretrain import PretrainConfig, Student, train  # noqa: E402
 from dinolab.train import extract_features  # noqa: E402
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from dinolab import augment, dino_head, hub, losses, masking, schedules, trace
 from dinolab.data import CLASS_NAMES, MASK_COLORS, ShapesWorld
-from dinolab.heads import knn_accuracy
+from dinolab.linear import knn_accuracy
 from dinolab.pretrain import PretrainConfig, Student, train
 from dinolab.utils import count_params, get_device, seed_everything
 
@@ -795,7 +795,7 @@ print("models:", list(models))
 # %% [markdown]
 # ### 8.1 k-NN classification on frozen CLS features
 # DINO's standard probe: no training at all. Each validation image takes the labels of its k = 20 most cosine-similar
-# training images, each vote weighted by `exp(sim / 0.07)` (`dinolab.heads.knn_predict`). We embed 1024 training and
+# training images, each vote weighted by `exp(sim / 0.07)` (`dinolab.linear.knn_predict`). We embed 1024 training and
 # 512 validation ShapesWorld images (128 px, the full image) drawn like the pretraining data (same number of objects per
 # scene; the validation scenes were never seen) and keep the normalised CLS token and the patch tokens.
 

@@ -51,9 +51,9 @@ from transformers.models.deformable_detr.modeling_deformable_detr import (
 )
 
 from dinolab.adapter import get_reference_points
-from dinolab.heads import FPNSegHead
 from dinolab.msdeform import MSDeformAttn, ms_deform_attn
 from dinolab.pixel_decoder import DINOV3_M2F_CONFIG, MSDeformAttnPixelDecoder
+from dinolab.seg_heads import FPNSegHead
 from dinolab.trace import trace
 from dinolab.utils import count_params, get_device, seed_everything
 

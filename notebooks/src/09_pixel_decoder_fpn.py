@@ -9,7 +9,7 @@
 #   from Mask2Former): the three coarse levels (1/32, 1/16, 1/8) become one token sequence, and a few
 #   **deformable-attention encoder layers** let every token read all levels, wherever the content says; then **one FPN
 #   step** brings the result to stride 4 → `mask_features`;
-# * a plain **FPN head** (the seed author's own decoder, `dinolab.heads.FPNSegHead`): upsample, add a lateral
+# * a plain **FPN head** (the seed author's own decoder, `dinolab.seg_heads.FPNSegHead`): upsample, add a lateral
 #   1×1 projection, smooth with a 3×3 conv, level by level — cheap, local, fixed.
 #
 # You will:
@@ -42,12 +42,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinolab import data, hub
 from dinolab.adapter import DINOv3Adapter
-from dinolab.heads import FPNSegHead
 from dinolab.pixel_decoder import (
     DINOV3_M2F_CONFIG,
     MSDeformAttnPixelDecoder,
     pixel_decoder_shapes,
 )
+from dinolab.seg_heads import FPNSegHead
 from dinolab.trace import trace
 from dinolab.train import boundaries, boundary_fscore, miou
 from dinolab.utils import count_params, get_device, seed_everything

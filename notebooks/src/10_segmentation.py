@@ -39,8 +39,8 @@ from torch import nn
 
 from dinolab import data, hub
 from dinolab.adapter import DINOv3Adapter
-from dinolab.heads import FPNSegHead, LinearHead
 from dinolab.pixel_decoder import MSDeformAttnPixelDecoder
+from dinolab.seg_heads import FPNSegHead, LinearHead
 from dinolab.trace import trace
 from dinolab.train import boundary_fscore, extract_features, fit, miou
 from dinolab.utils import count_params, get_device, seed_everything

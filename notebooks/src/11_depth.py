@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from dinolab import hub, trace
 from dinolab.data import ShapesWorld
-from dinolab.heads import DPTHead, FeaturesToDepth, LinearHead, SigLoss, bin_weights, depth_bins
+from dinolab.depth_head import DPTHead, FeaturesToDepth, LinearHead, SigLoss, bin_weights, depth_bins
 from dinolab.train import absrel, delta1, extract_features, fit, rmse
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
@@ -197,7 +197,7 @@ torch.testing.assert_close(f_va[-1][0][:2], feats2[-1][0].cpu(), rtol=1e-4, atol
 #  conv_depth (UpConvHead): 3×3 C→C/2 → ×2 → 3×3 → hidden → ReLU → 1×1 → n_bins    [B,n_bins,128,128]
 # ```
 #
-# `dinolab.heads.DPTHead` follows `dinov3/eval/depth/models/dpt_head.py` (official parameter names, so official
+# `dinolab.depth_head.DPTHead` follows `dinov3/eval/depth/models/dpt_head.py` (official parameter names, so official
 # checkpoints load). The official ViT-7B depther uses `channels=512`, `post_process_channels=[2048]*4`,
 # `use_batchnorm=True`, readout "ignore" and 256 bins. For D = 192 and a CPU budget we shrink the widths (our choice)
 # and keep the official structure; we use the readout "project" (the official default of `DPTHead`, and the CHMv2

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from dinolab import hub, trace
 from dinolab.data import CLASS_NAMES, MASK_COLORS, NUM_CLASSES, ShapesWorld
-from dinolab.heads import LinearClassifier, create_linear_input, knn_accuracy, knn_predict
+from dinolab.linear import LinearClassifier, create_linear_input, knn_accuracy, knn_predict
 from dinolab.train import confusion_matrix, extract_features
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
@@ -223,7 +223,7 @@ for bname, f in feats.items():
 # %% [markdown]
 # ## 4. Weighted k-NN
 #
-# `dinolab.heads.knn_predict` (DINO's `knn.py`): cosine similarity between L2-normalised features, the k = 20 most
+# `dinolab.linear.knn_predict` (DINO's `knn.py`): cosine similarity between L2-normalised features, the k = 20 most
 # similar training images, each voting for its label with weight exp(sim / 0.07). No training, no hyperparameter
 # search: a pure measure of how the feature space is organised. We check it by hand for one test image first.
 

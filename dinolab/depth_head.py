@@ -1,219 +1,31 @@
-"""Task heads on top of the (frozen) backbone.
+"""Depth heads on top of the (frozen) backbone: the official DINOv3 depth evaluation (``dinov3/eval/depth``).
 
-* classification: the weighted k-NN classifier of the DINO papers (``knn_predict``, ``knn_accuracy``) and the
-  official linear probe (``LinearClassifier`` on [CLS ‖ mean patch], ``create_linear_input``);
-* segmentation: the seed's FPN decoder head (``FPNSegHead``) and the official linear head (``LinearHead``);
-  the Mask2Former pixel decoder is in :mod:`dinolab.pixel_decoder`;
-* depth: the official DPT head (``DPTHead``), bins → depth (``FeaturesToDepth``, ``depth_bins``,
-  ``bin_weights``) and the official loss (``SigLoss``).
+* ``DPTHead`` and its blocks (``dinov3/eval/depth/models/dpt_head.py``): reassemble the token maps of four
+  layers into a pyramid, fuse it from coarse to fine, predict depth-bin logits;
+* bins → metric depth: ``FeaturesToDepth`` (alias ``DepthBinsHead``), ``depth_bins``, ``bin_weights``
+  (``dinov3/eval/depth/models/__init__.py``);
+* the loss: ``SigLoss`` (scale-invariant log loss, ``dinov3/eval/depth/loss.py``);
+* the linear depth head: the official builder's ``head_type="linear"`` is a linear head with the layout of
+  the segmentation one, :class:`dinolab.seg_heads.LinearHead`, imported here so that it sits next to the DPT
+  head; give it ``n_output_channels`` = the number of bins.
 
-Official heads keep the official parameter names (``dinov3/eval/segmentation/models/heads/linear_head.py``,
-``dinov3/eval/depth/models/dpt_head.py``, ``dinov3/eval/linear.py``), so their checkpoints load with
-``strict=True``. The official uses ``SyncBatchNorm``; we use ``BatchNorm2d`` (same state dict, runs on a CPU).
+Official parameter names throughout, so official checkpoints load with ``strict=True``. The official uses
+``SyncBatchNorm``; we use ``BatchNorm2d`` (same state dict, runs on a CPU).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .seg_heads import LinearHead
 
-@torch.no_grad()
-def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: int = 20, T: float = 0.07,
-                num_classes: int | None = None, chunk: int = 1024) -> Tensor:
-    """Weighted k-NN on cosine similarity (DINO's eval): each of the k nearest training samples votes
-    for its label with weight exp(sim / T). Returns the predicted labels (N_test,)."""
-    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"features must be (N, D) with the same D, got {tuple(train_feats.shape)} and "
-                         f"{tuple(test_feats.shape)}")
-    if train_labels.shape != train_feats.shape[:1]:
-        raise ValueError(f"train_labels must have shape ({train_feats.shape[0]},), got {tuple(train_labels.shape)}")
-    if not 1 <= k <= train_feats.shape[0]:
-        raise ValueError(f"k must be in [1, {train_feats.shape[0]}], got {k}")
-    C = num_classes or int(train_labels.max()) + 1
-    tr = F.normalize(train_feats.float(), dim=1)
-    preds = []
-    for start in range(0, test_feats.shape[0], chunk):
-        te = F.normalize(test_feats[start:start + chunk].float(), dim=1)
-        sim, idx = (te @ tr.T).topk(k, dim=1)  # (n, k)
-        votes = torch.zeros(te.shape[0], C).scatter_add_(1, train_labels[idx], (sim / T).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
-
-
-def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
-                 k: int = 20, T: float = 0.07) -> float:
-    pred = knn_predict(train_feats, train_labels, test_feats, k=k, T=T)
-    return (pred == test_labels).float().mean().item()
-
-
-# =================================================================================================================
-# Segmentation: the seed's FPN decoder head (the blog author's own design, not an official DINOv3 head)
-# =================================================================================================================
-
-
-class ConvBNReLU(nn.Sequential):
-    """3×3 (by default) conv without bias → BatchNorm → ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-
-def _as_level_list(features) -> list[Tensor]:
-    """The adapter's dict {"1": f1, ..., "4": f4} (in its order, finest first) or a list/tuple of maps."""
-    if isinstance(features, Tensor):
-        return [features]
-    if isinstance(features, Mapping):
-        return list(features.values())
-    if isinstance(features, (list, tuple)):
-        return list(features)
-    raise TypeError(f"expected a dict or a list of [B, C, H, W] maps, got {type(features).__name__}")
-
-
-class FPNSegHead(nn.Module):
-    """The seed's FPN decoder head: a top-down pathway over the four adapter levels (finest first).
-
-    ``p4 = lateral(f4)``; for each finer level ``p_l = smooth_l(lateral_l(f_l) + up(p_{l+1}))`` (bilinear up,
-    ConvBNReLU 3×3 smoothing); ``logits = cls_seg(p1)`` at the finest level (stride 4), then bilinearly
-    upsampled to ``output_size`` (default: ``upsample_factor`` × the finest level, i.e. the input size).
-
-    Cheap and local: every output pixel sees a fixed neighbourhood per level, unlike the deformable encoder of
-    the pixel decoder, whose tokens choose where to look.
-
-    Args:
-        in_channels: per-level channels, finest first (an int means the same for all ``num_levels``).
-        channels: width of the top-down pathway.
-        num_classes: output channels.
-        num_levels: number of levels when ``in_channels`` is an int (4).
-        upsample_factor: stride of the finest level (4), for the default output size.
-    """
-
-    def __init__(self, in_channels, channels: int, num_classes: int, num_levels: int = 4, upsample_factor: int = 4):
-        super().__init__()
-        if isinstance(in_channels, int):
-            in_channels = [in_channels] * num_levels
-        elif isinstance(in_channels, Mapping):
-            in_channels = list(in_channels.values())
-        self.in_channels = [int(c) for c in in_channels]
-        if len(self.in_channels) < 1:
-            raise ValueError("FPNSegHead needs at least one level")
-        self.channels = channels
-        self.num_classes = num_classes
-        self.upsample_factor = upsample_factor
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, channels, kernel_size=1) for c in self.in_channels)
-        # one smoothing block per level that receives an upsampled coarser map (all but the coarsest)
-        self.smooth_convs = nn.ModuleList(ConvBNReLU(channels, channels) for _ in self.in_channels[:-1])
-        self.cls_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
-
-    def forward_features(self, features) -> Tensor:
-        """Top-down fused map at the finest level: [B, channels, H/4, W/4]."""
-        feats = _as_level_list(features)
-        if len(feats) != len(self.in_channels):
-            raise ValueError(f"expected {len(self.in_channels)} levels (finest first), got {len(feats)}")
-        for i, (f, c) in enumerate(zip(feats, self.in_channels)):
-            if f.dim() != 4 or f.shape[1] != c:
-                raise ValueError(f"level {i} must be [B, {c}, H, W], got {tuple(f.shape)}")
-        p = self.lateral_convs[-1](feats[-1])
-        for i in range(len(feats) - 2, -1, -1):  # coarse → fine
-            lat = self.lateral_convs[i](feats[i])
-            p = lat + F.interpolate(p, size=lat.shape[-2:], mode="bilinear", align_corners=False)
-            p = self.smooth_convs[i](p)
-        return p
-
-    def forward(self, features, output_size: tuple[int, int] | None = None) -> Tensor:
-        """Logits [B, num_classes, *output_size] (default: upsample_factor × the finest level)."""
-        logits = self.cls_seg(self.forward_features(features))
-        if output_size is None:
-            output_size = (logits.shape[-2] * self.upsample_factor, logits.shape[-1] * self.upsample_factor)
-        return F.interpolate(logits, size=tuple(output_size), mode="bilinear", align_corners=False)
-
-
-# =================================================================================================================
-# Segmentation: the official linear head (dinov3/eval/segmentation/models/heads/linear_head.py)
-# =================================================================================================================
-
-
-def _with_cls(inputs, use_cls_token: bool) -> list[Tensor]:
-    """Official ``_forward_feature`` input handling: maps, or (map, cls) pairs when ``use_cls_token``.
-
-    With the cls token, it is broadcast over the map and concatenated on channels. 2-d inputs [B, C] become
-    [B, C, 1, 1] maps.
-    """
-    if isinstance(inputs, Tensor):
-        inputs = [inputs]
-    elif isinstance(inputs, Mapping):
-        inputs = list(inputs.values())
-    out = []
-    for x in inputs:
-        if use_cls_token:
-            if not isinstance(x, (list, tuple)) or len(x) != 2:
-                raise ValueError("use_cls_token=True: each input must be a (patch map, cls token) pair "
-                                 "(get_intermediate_layers(..., reshape=True, return_class_token=True))")
-            x, cls_token = x
-            if x.dim() == 2:
-                x = x[:, :, None, None]
-            out.append(torch.cat((x, cls_token[:, :, None, None].expand_as(x)), 1))
-        else:
-            if isinstance(x, (list, tuple)):  # tolerate (map, cls) pairs and use the map only
-                x = x[0]
-            out.append(x[:, :, None, None] if x.dim() == 2 else x)
-    return out
-
-
-class LinearHead(nn.Module):
-    """Official DINOv3 linear segmentation head.
-
-    ``inputs`` (list of [B, D_i, h_i, w_i], e.g. ``get_intermediate_layers(x, n=..., reshape=True)``) are
-    bilinearly resized to the first one's size and concatenated (channels = Σ D_i, ×2 with the cls token) →
-    ``Dropout2d(dropout)`` → ``BatchNorm`` → ``Conv2d 1×1 → n_output_channels`` (weight N(0, 0.01), bias 0).
-    Logits stay at the patch grid (1/16); training resizes them to the label size.
-
-    Parameter names: ``batchnorm_layer.{weight,bias,running_mean,running_var,num_batches_tracked}``,
-    ``conv.{weight,bias}``. The official uses ``nn.SyncBatchNorm``; ``nn.BatchNorm2d`` has the same state dict
-    and runs on one CPU (convert with ``nn.SyncBatchNorm.convert_sync_batchnorm`` for multi-GPU training).
-    """
-
-    def __init__(self, in_channels, n_output_channels: int, use_batchnorm: bool = True, use_cls_token: bool = False,
-                 dropout: float = 0.1):
-        super().__init__()
-        if isinstance(in_channels, int):
-            in_channels = [in_channels]
-        self.in_channels = list(in_channels)
-        self.channels = sum(self.in_channels) * (2 if use_cls_token else 1)
-        self.n_output_channels = n_output_channels
-        self.use_cls_token = use_cls_token
-        self.batchnorm_layer = nn.BatchNorm2d(self.channels) if use_batchnorm else nn.Identity()
-        self.conv = nn.Conv2d(self.channels, n_output_channels, kernel_size=1, padding=0, stride=1)
-        self.dropout = nn.Dropout2d(dropout)
-        nn.init.normal_(self.conv.weight, mean=0, std=0.01)
-        nn.init.constant_(self.conv.bias, 0)
-
-    def _transform_inputs(self, inputs: list[Tensor]) -> Tensor:
-        size = inputs[0].shape[2:]
-        return torch.cat([F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in inputs], dim=1)
-
-    def _forward_feature(self, inputs) -> Tensor:
-        x = self._transform_inputs(_with_cls(inputs, self.use_cls_token))
-        if x.shape[1] != self.channels:
-            raise ValueError(f"inputs have {x.shape[1]} channels in total, the head expects {self.channels} "
-                             f"(in_channels={self.in_channels}, use_cls_token={self.use_cls_token})")
-        return x
-
-    def forward(self, inputs) -> Tensor:
-        """Logits at the first input's resolution: [B, n_output_channels, h, w]."""
-        return self.conv(self.batchnorm_layer(self.dropout(self._forward_feature(inputs))))
-
-    def predict(self, x, rescale_to=(512, 512)) -> Tensor:
-        """Evaluation: no dropout, logits bilinearly resized to ``rescale_to``."""
-        x = self.conv(self.batchnorm_layer(self._forward_feature(x)))
-        return F.interpolate(x, size=tuple(rescale_to), mode="bilinear", align_corners=False)
+__all__ = [
+    "DPTHead", "ReassembleBlocks", "FeatureFusionBlock", "PreActResidualConvUnit", "UpConvHead", "ConvModule",
+    "Interpolate", "depth_bins", "bin_weights", "FeaturesToDepth", "DepthBinsHead", "SigLoss", "LinearHead",
+]
 
 
 # =================================================================================================================
@@ -586,68 +398,3 @@ class SigLoss(nn.Module):
 
     def forward(self, depth_pred: Tensor, depth_gt: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         return self.loss_weight * self.sigloss(depth_pred, depth_gt, valid_mask)
-
-
-# =================================================================================================================
-# Classification: the official linear eval (dinov3/eval/linear.py)
-# =================================================================================================================
-
-
-def create_linear_input(x_tokens_list, use_n_blocks: int = 1, use_avgpool: bool = True, use_cls: bool = True) -> Tensor:
-    """Official linear-eval features from ``get_intermediate_layers(x, n=..., return_class_token=True)``.
-
-    ``x_tokens_list``: sequence of (patch tokens, cls) pairs, one per block; patch tokens [B, N, D] or maps
-    [B, D, h, w]. Output: ``cat(cls of the last use_n_blocks blocks, mean of the last block's patch tokens)``
-    → [B, D·(use_n_blocks + use_avgpool)], float32. Storage tokens are not patch tokens, so they never enter the
-    mean. ``use_cls=False`` (not official) keeps only the mean.
-    """
-    blocks = list(x_tokens_list)[-use_n_blocks:]
-    parts = [cls for _, cls in blocks] if use_cls else []
-    if use_avgpool:
-        patches = blocks[-1][0]
-        parts.append(patches.mean(dim=1) if patches.dim() == 3 else patches.mean(dim=(2, 3)))
-    if not parts:
-        raise ValueError("nothing to classify: use_cls and use_avgpool are both False")
-    return torch.cat(parts, dim=-1).reshape(parts[0].shape[0], -1).float()
-
-
-class LinearClassifier(nn.Module):
-    """Linear probe on ``[CLS ‖ mean patch]`` (the official recipe: cls of the last ``use_n_blocks`` blocks, plus
-    the average of the last block's patch tokens; ``nn.Linear`` named ``linear``, weight N(0, 0.01), bias 0).
-
-    Args:
-        in_dim: the backbone width D (the linear layer sees D·(use_n_blocks·use_cls + use_mean_patch)).
-        num_classes: outputs.
-        use_cls / use_mean_patch: which features (official: both; ``use_mean_patch`` is the official
-            ``use_avgpool``).
-        use_n_blocks: cls tokens of this many last blocks (official default 1).
-
-    ``forward`` takes either the feature vector [B, out_dim] or the (patch, cls) pairs of
-    ``get_intermediate_layers(..., return_class_token=True)``. The hub's ViT-7B classifier is this with
-    D = 4096 (``Linear(8192, 1000)``).
-    """
-
-    def __init__(self, in_dim: int, num_classes: int, use_cls: bool = True, use_mean_patch: bool = True,
-                 use_n_blocks: int = 1):
-        super().__init__()
-        if not (use_cls or use_mean_patch):
-            raise ValueError("use_cls and use_mean_patch cannot both be False")
-        self.in_dim = in_dim
-        self.use_cls = use_cls
-        self.use_avgpool = use_mean_patch
-        self.use_n_blocks = use_n_blocks
-        self.num_classes = num_classes
-        self.out_dim = in_dim * (use_n_blocks * int(use_cls) + int(use_mean_patch))
-        self.linear = nn.Linear(self.out_dim, num_classes)
-        self.linear.weight.data.normal_(mean=0.0, std=0.01)
-        self.linear.bias.data.zero_()
-
-    def features(self, x_tokens_list) -> Tensor:
-        return create_linear_input(x_tokens_list, self.use_n_blocks, self.use_avgpool, self.use_cls)
-
-    def forward(self, x) -> Tensor:
-        if not isinstance(x, Tensor):
-            x = self.features(x)
-        if x.dim() != 2 or x.shape[1] != self.out_dim:
-            raise ValueError(f"features must be [B, {self.out_dim}], got {tuple(x.shape)}")
-        return self.linear(x)

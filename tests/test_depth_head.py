@@ -1,5 +1,5 @@
-"""Heads: official state-dict layouts (LinearHead, DPTHead, LinearClassifier), output shapes for ViT-S/B/L on the
-meta device, depth bins and SigLoss against hand-computed values, and a few training steps per head.
+"""Depth heads: the official DPTHead's state-dict layout (and the ViT-7B head's size), output shapes for ViT-S/B/L on
+the meta device, readout modes, depth bins and SigLoss against hand-computed values, and a few training steps.
 CPU, offline, seconds."""
 from __future__ import annotations
 
@@ -7,35 +7,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dinolab.heads import (
-    DPTHead,
-    FeaturesToDepth,
-    FPNSegHead,
-    LinearClassifier,
-    LinearHead,
-    SigLoss,
-    bin_weights,
-    create_linear_input,
-    depth_bins,
-)
-from dinolab.train import fit
+from dinolab.depth_head import DPTHead, FeaturesToDepth, SigLoss, bin_weights, depth_bins
 from dinolab.hub import dinov3_vitb16, dinov3_vitl16, dinov3_vits16
+from dinolab.train import fit
 
 # official FOUR_EVEN_INTERVALS (dinov3/eval/segmentation/models/__init__.py): 24 blocks -> [4, 11, 17, 23]
 LAYERS = {12: [2, 5, 8, 11], 24: [4, 11, 17, 23]}
 
 
-# ----------------------------------------------------------------------------------------- official layouts
-
-
-def official_linear_head_keys(channels, n_out, use_batchnorm=True):
-    keys = {"conv.weight": (n_out, channels, 1, 1), "conv.bias": (n_out,)}
-    if use_batchnorm:
-        keys.update({f"batchnorm_layer.{n}": (channels,) for n in ("weight", "bias", "running_mean", "running_var")})
-        keys["batchnorm_layer.num_batches_tracked"] = ()
-    return keys
+# ------------------------------------------------------------------------------------------- official layouts
 
 
 def official_dpt_keys(in_channels, channels, pp, n_out, readout="ignore", use_batchnorm=False, hidden=32):
@@ -76,16 +57,6 @@ def _shapes(module):
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("use_batchnorm,use_cls", [(True, False), (False, True)])
-def test_linear_head_official_layout_and_init(use_batchnorm, use_cls):
-    head = LinearHead([32, 32, 16], 7, use_batchnorm=use_batchnorm, use_cls_token=use_cls)
-    ch = 80 * (2 if use_cls else 1)
-    assert _shapes(head) == official_linear_head_keys(ch, 7, use_batchnorm)
-    head.load_state_dict({k: torch.randn(s) if s else torch.tensor(3) for k, s in _shapes(head).items()}, strict=True)
-    head = LinearHead([512] * 4, 150)
-    assert abs(head.conv.weight.std().item() - 0.01) < 5e-4 and head.conv.bias.abs().max() == 0
-
-
 @pytest.mark.parametrize("readout,use_bn", [("ignore", False), ("ignore", True), ("add", False), ("project", True)])
 def test_dpt_official_layout_loads_strict(readout, use_bn):
     ic, pp = [16, 16, 24, 24], [8, 8, 16, 16]
@@ -106,71 +77,29 @@ def test_dpt_vit7b_head_param_count_meta():
     assert head(x).shape == (1, 256, 512, 512)
 
 
-def test_linear_classifier_layout_init_and_features():
-    clf = LinearClassifier(8, 5)
-    assert _shapes(clf) == {"linear.weight": (5, 16), "linear.bias": (5,)}
-    big = LinearClassifier(1024, 1000)
-    assert abs(big.linear.weight.std().item() - 0.01) < 5e-4 and big.linear.bias.abs().max() == 0
-    # hand-made tokens: cls = 1..8, patch tokens average to 0.5
-    patches = torch.stack([torch.zeros(2, 8), torch.ones(2, 8)], 1)  # [B=2, N=2, D=8]
-    cls = torch.arange(1.0, 9.0).expand(2, 8)
-    feats = create_linear_input([(patches, cls)], use_n_blocks=1, use_avgpool=True)
-    torch.testing.assert_close(feats, torch.cat([cls, torch.full((2, 8), 0.5)], 1))
-    torch.testing.assert_close(clf([(patches, cls)]), clf(feats))
-    # patch maps [B, D, h, w] (reshape=True) give the same mean
-    maps = patches.transpose(1, 2).reshape(2, 8, 1, 2)
-    torch.testing.assert_close(create_linear_input([(maps, cls)]), feats)
-    # last n blocks' cls tokens, then the last block's mean patch
-    blocks = [(patches * 0, cls * 0), (patches, cls * 2), (patches * 3, cls * 3)]
-    f2 = create_linear_input(blocks, use_n_blocks=2, use_avgpool=True)
-    torch.testing.assert_close(f2, torch.cat([cls * 2, cls * 3, torch.full((2, 8), 1.5)], 1))
-    assert LinearClassifier(8, 5, use_n_blocks=2).out_dim == 24
-    assert LinearClassifier(8, 5, use_cls=False).out_dim == 8
-    with pytest.raises(ValueError, match=r"\[B, 16\]"):
-        clf(torch.randn(2, 15))
+# --------------------------------------------------------------------------------------- shapes for ViT-S/B/L
 
 
-# ----------------------------------------------------------------------------------- shapes for ViT-S/B/L
-
-
-@pytest.mark.parametrize("build", [dinov3_vits16, dinov3_vitb16, dinov3_vitl16])
-def test_head_shapes_on_vit_configs_meta(build):
-    B, S = 2, 512
+def _meta_pairs(build, B=2, S=512):
+    """(patch map, cls) pairs of 4 layers of a ViT on the meta device, the official FOUR_EVEN_INTERVALS."""
     backbone = build(device="meta")
     D, n = backbone.embed_dim, len(backbone.blocks)
     x = torch.empty(B, 3, S, S, device="meta")
     pairs = backbone.get_intermediate_layers(x, n=LAYERS[n], reshape=True, return_class_token=True)
     assert [tuple(p.shape) for p, _ in pairs] == [(B, D, 32, 32)] * 4
+    return D, pairs
+
+
+@pytest.mark.parametrize("build", [dinov3_vits16, dinov3_vitb16, dinov3_vitl16])
+def test_depth_head_shapes_on_vit_configs_meta(build):
+    B, S = 2, 512
+    D, pairs = _meta_pairs(build, B, S)
     with torch.device("meta"):
-        linear = LinearHead([D] * 4, 150)
         dpt = DPTHead([D] * 4, channels=256, post_process_channels=[D] * 4, readout_type="project",
                       n_output_channels=256)
-        fpn = FPNSegHead(D, 128, 6)
-        clf = LinearClassifier(D, 10)
-        adapter_like = {str(i + 1): torch.empty(B, D, S // s, S // s) for i, s in enumerate((4, 8, 16, 32))}
-    maps = [p for p, _ in pairs]
-    assert linear(maps).shape == (B, 150, 32, 32)
-    assert linear.predict(maps, rescale_to=(S, S)).shape == (B, 150, S, S)
     bins = dpt(list(pairs))
     assert bins.shape == (B, 256, S, S)
     assert FeaturesToDepth(0.001, 10.0)(bins).shape == (B, 1, S, S)
-    assert fpn(adapter_like).shape == (B, 6, S, S)
-    assert fpn.forward_features(adapter_like).shape == (B, 128, S // 4, S // 4)
-    assert clf([pairs[-1]]).shape == (B, 10)
-
-
-def test_fpn_head_dict_list_and_validation():
-    head = FPNSegHead([8, 12, 16, 20], 16, 3).eval()
-    feats = {"1": torch.randn(2, 8, 16, 16), "2": torch.randn(2, 12, 8, 8), "3": torch.randn(2, 16, 4, 4),
-             "4": torch.randn(2, 20, 2, 2)}
-    out = head(feats)
-    assert out.shape == (2, 3, 64, 64)
-    torch.testing.assert_close(head(list(feats.values())), out)
-    assert head(feats, output_size=(50, 70)).shape == (2, 3, 50, 70)
-    with pytest.raises(ValueError, match="expected 4 levels"):
-        head(list(feats.values())[:3])
-    with pytest.raises(ValueError, match="level 2"):
-        head(dict(feats, **{"3": torch.randn(2, 5, 4, 4)}))
 
 
 def test_dpt_readout_modes_and_validation():
@@ -201,7 +130,7 @@ def test_dpt_readout_modes_and_validation():
     assert ign.predict(odd, rescale_to=(80, 48)).shape == (1, 3, 80, 48)
 
 
-# ----------------------------------------------------------------------------------------------- depth bins
+# ------------------------------------------------------------------------------------------------- depth bins
 
 
 def test_depth_bins_linear_and_log():
@@ -234,7 +163,7 @@ def test_bins_to_depth_by_hand():
         FeaturesToDepth(norm_strategy="relu")
 
 
-# -------------------------------------------------------------------------------------------------- SigLoss
+# ---------------------------------------------------------------------------------------------------- SigLoss
 
 
 def test_sigloss_zero_for_perfect_prediction():
@@ -284,35 +213,11 @@ def test_sigloss_positive_otherwise_warmup_and_mask():
         2 * SigLoss(warm_up=False)(bad, gt).item())
 
 
-# ---------------------------------------------------------------------------------------- each head trains
+# -------------------------------------------------------------------------------------------- the head trains
 
 
 def _falls(hist, factor=0.7):
     return sum(hist[-3:]) / 3 < factor * sum(hist[:3]) / 3
-
-
-def test_fpn_head_trains():
-    torch.manual_seed(0)
-    feats = {"1": torch.randn(4, 8, 8, 8), "2": torch.randn(4, 8, 4, 4), "3": torch.randn(4, 8, 2, 2),
-             "4": torch.randn(4, 8, 1, 1)}
-    # a learnable target: the class is a fixed linear read-out of the finest level, upsampled
-    readout = torch.randn(3, 8)
-    target = F.interpolate(torch.einsum("kc,bchw->bkhw", readout, feats["1"]), size=(32, 32), mode="nearest").argmax(1)
-    head = FPNSegHead(8, 16, 3)
-    hist = fit(head, None, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(feats, target)], steps=20, lr=1e-2,
-               progress=False)
-    assert _falls(hist), hist
-
-
-def test_linear_head_trains():
-    torch.manual_seed(0)
-    maps = [torch.randn(4, 16, 4, 4), torch.randn(4, 16, 2, 2)]
-    target = torch.randint(0, 3, (4, 4, 4))
-    head = LinearHead([16, 16], 3, dropout=0.0)
-    hist = fit(head, None, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(maps, target)], steps=20, lr=3e-2,
-               progress=False)
-    assert _falls(hist), hist
-    assert head.predict(maps, rescale_to=(16, 16)).shape == (4, 3, 16, 16)
 
 
 def test_dpt_head_with_bins_and_sigloss_trains():
@@ -327,12 +232,3 @@ def test_dpt_head_with_bins_and_sigloss_trains():
     hist = fit(head, None, lambda m, b: loss(to_depth(m(b[0])), b[1]), [(pairs, gt)], steps=25, lr=3e-3,
                progress=False)
     assert _falls(hist, 0.8), hist
-
-
-def test_linear_classifier_trains():
-    torch.manual_seed(0)
-    x = torch.randn(32, 24)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    clf = LinearClassifier(12, 3)
-    hist = fit(clf, None, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x, y)], steps=30, lr=5e-2, progress=False)
-    assert _falls(hist), hist
