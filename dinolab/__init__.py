@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "patch_embed", "rope", "attention", "block", "vit", "hub", "weights", "trace", "utils", "data",
-    "msdeform", "adapter", "pixel_decoder", "seg_heads", "depth_head", "linear", "lora", "train", "viz", "pretrain",
-    "dino_head", "losses", "masking", "augment", "schedules",
+    "msdeform", "adapter", "pixel_decoder", "seg_heads", "depth_head", "linear", "metrics", "lora", "train",
+    "viz", "pretrain", "dino_head", "losses", "masking", "augment", "schedules",
 }
 
 

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .data import NUM_CLASSES, ShapesWorld
 from .linear import knn_predict
-from .train import extract_features, miou
+from .metrics import miou
+from .train import extract_features
 
 OBJECT_SCALE = 3.0  # object size multiplier of the object-centric split
 KNN_KS = (10, 20)

@@ -43,8 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dinolab import hub
 from dinolab.adapter import DINOv3Adapter, SpatialPriorModule
 from dinolab.data import MASK_COLORS, NUM_CLASSES, ShapesWorld
+from dinolab.metrics import boundaries, boundary_fscore, miou
 from dinolab.trace import Trace, trace
-from dinolab.train import boundaries, boundary_fscore, miou
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 

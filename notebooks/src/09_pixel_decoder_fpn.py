@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinolab import data, hub
 from dinolab.adapter import DINOv3Adapter
+from dinolab.metrics import boundaries, boundary_fscore, miou
 from dinolab.pixel_decoder import (
     DINOV3_M2F_CONFIG,
     MSDeformAttnPixelDecoder,
@@ -49,7 +50,6 @@ from dinolab.pixel_decoder import (
 )
 from dinolab.seg_heads import FPNSegHead
 from dinolab.trace import trace
-from dinolab.train import boundaries, boundary_fscore, miou
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 

@@ -39,10 +39,11 @@ from torch import nn
 
 from dinolab import data, hub
 from dinolab.adapter import DINOv3Adapter
+from dinolab.metrics import boundary_fscore, miou
 from dinolab.pixel_decoder import MSDeformAttnPixelDecoder
 from dinolab.seg_heads import FPNSegHead, LinearHead
 from dinolab.trace import trace
-from dinolab.train import boundary_fscore, extract_features, fit, miou
+from dinolab.train import extract_features, fit
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 

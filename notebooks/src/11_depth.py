@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from dinolab import hub, trace
 from dinolab.data import ShapesWorld
 from dinolab.depth_head import DPTHead, FeaturesToDepth, LinearHead, SigLoss, bin_weights, depth_bins
-from dinolab.train import absrel, delta1, extract_features, fit, rmse
+from dinolab.metrics import absrel, delta1, rmse
+from dinolab.train import extract_features, fit
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 
@@ -77,7 +78,7 @@ print(f"train depth: min {d_tr.min():.2f} m, mean {d_tr.mean():.2f} m, max {d_tr
 
 # %% [markdown]
 # ### 1.1 The metrics
-# Three standard monocular-depth metrics (as in `dinov3/eval/depth/`; ours are `dinolab.train.absrel`, `delta1`,
+# Three standard monocular-depth metrics (as in `dinov3/eval/depth/`; ours are `dinolab.metrics.absrel`, `delta1`,
 # `rmse`), over all pixels, computed here by hand and checked:
 #
 # * **AbsRel** = mean(|pred − gt| / gt): the mean relative error (0.10 = off by 10 % on average);
@@ -109,7 +110,7 @@ by_hand = {"absrel": float(((p - g).abs() / g).mean()),
 base = metrics(pred_row, d_va)
 for k in by_hand:
     assert math.isclose(by_hand[k], base[k], rel_tol=1e-4), (k, by_hand[k], base[k])
-print("metrics by hand == dinolab.train.absrel / delta1 / rmse")
+print("metrics by hand == dinolab.metrics.absrel / delta1 / rmse")
 baselines = {"constant (train mean)": metrics(const, d_va), "per-row mean depth": base}
 rows = ["| baseline on val | AbsRel ↓ | δ1 ↑ | RMSE (m) ↓ |", "|---|---|---|---|"]
 for name, m in baselines.items():

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from dinolab import hub, trace
 from dinolab.data import CLASS_NAMES, MASK_COLORS, NUM_CLASSES, ShapesWorld
 from dinolab.linear import LinearClassifier, create_linear_input, knn_accuracy, knn_predict
-from dinolab.train import confusion_matrix, extract_features
+from dinolab.metrics import confusion_matrix
+from dinolab.train import extract_features
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 

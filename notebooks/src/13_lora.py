@@ -48,8 +48,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinolab import hub, lora, trace
 from dinolab.data import ShapesWorld
+from dinolab.metrics import miou
 from dinolab.seg_heads import LinearHead
-from dinolab.train import extract_features, fit, miou
+from dinolab.train import extract_features, fit
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 
