@@ -101,3 +101,12 @@ def test_sigterm_saves_the_state_and_stops(tmp_path):
 def test_unknown_device_is_refused():
     with pytest.raises(ValueError, match="device"):
         train(PretrainConfig(**TINY), log=lambda *_: None, device="tpu")
+
+
+def test_student_appearance_views_train_and_resume(tmp_path):
+    cfg = PretrainConfig(**{**TINY, "steps": 2, "gram_steps": 1, "appearance_p": 1.0, "student_appearance": True})
+    straight = train(cfg, log=lambda *_: None)
+    state = tmp_path / "s.pt"
+    train(cfg, log=lambda *_: None, state_path=state, stop_after=1)
+    resumed = train(cfg, log=lambda *_: None, resume=state)
+    assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
