@@ -107,6 +107,12 @@ class PretrainConfig:
     # and textures for objects, floor and wall. Colour then stops being a cue that two views share.
     appearance_p: float = 0.0
     appearance_warmup: int = 0
+    # Stronger still: the student sees the *same* crops as the teacher, cut from the re-render (same boxes, flips and
+    # photometric draws, new colours and textures), and its local crops come from the re-render too. Every student
+    # view then differs from the teacher's in appearance only or in appearance and geometry; the DINO global loss
+    # keeps the diagonal pairs (crop c of the student vs crop c of the teacher are no longer the same image), and
+    # the iBOT targets are the teacher's patch tokens at the same positions in the original colours.
+    student_appearance: bool = False
     eval_every: int = 0  # k-NN curves during training (python -m dinolab.pretrain evaluates on the object split)
 
 
@@ -315,7 +321,17 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
             if p_app > 0:  # a re-render of the same scenes in a new appearance, for some of the images
                 new_look = torch.rand(B, generator=gens["views"]) < p_app
                 second = data.batch(idx, appearance=torch.where(new_look, idx + 1, 0))["image"]
-            crops = {k: v.to(dev, non_blocking=True) for k, v in aug(images, generator=gens["crops"], second=second).items()}
+            if cfg.student_appearance and second is not None:
+                same_draws = torch.Generator().set_state(gens["crops"].get_state())
+                crops = aug(images, generator=gens["crops"])  # the teacher's views, in the scene's own colours
+                s_crops = aug(second, generator=same_draws)  # the same crops of the re-render, for the student
+                crops = {"global_crops": crops["global_crops"], "s_global_crops": s_crops["global_crops"],
+                         "local_crops": s_crops["local_crops"], "global_boxes": crops["global_boxes"],
+                         "global_flips": crops["global_flips"]}
+            else:
+                crops = aug(images, generator=gens["crops"], second=second)
+                crops["s_global_crops"] = crops["global_crops"]
+            crops = {k: v.to(dev, non_blocking=True) for k, v in crops.items()}
             masks = masking.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio,
                                    generator=gens["masks"]).to(dev)
             with torch.no_grad(), autocast():
@@ -325,11 +341,11 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
                 t_patch_logits = t_out["patch_logits"].float()  # the unmasked teacher's tokens at the masked positions
                 t_patch_probs = losses.sinkhorn_knopp(t_patch_logits, temp) if masks.any() else t_patch_logits
             with autocast():
-                s_out = model(crops["global_crops"], crops["local_crops"], masks)
+                s_out = model(crops["s_global_crops"], crops["local_crops"], masks)
             s_global = s_out["global_logits"].float().view(2, B, -1)
             s_local = s_out["local_logits"].float().view(n_l, B, -1)
             l_dino = local_scale * dino_loss(s_local, t_cls_probs) + global_scale * dino_loss(
-                s_global, t_cls_probs, ignore_diagonal=True)
+                s_global, t_cls_probs, ignore_diagonal=not cfg.student_appearance)
             l_ibot = (ibot_loss.forward_masked(s_out["patch_logits"].float(), t_patch_probs, masks) if masks.any()
                       else 0 * l_dino)
             cls = s_out["cls"].float().view(2, B, -1)
