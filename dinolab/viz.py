@@ -25,6 +25,8 @@ SERIES = [
     ("11", "depth", "Depth with a DPT head"),
     ("12", "classification", "Classification: linear probe and k-NN"),
     ("13", "lora", "LoRA on q and v"),
+    ("14", "mask2former", "Mask2Former's query decoder and EoMT"),
+    ("15", "detection", "Detection: DETR-style set prediction"),
 ]
 
 
