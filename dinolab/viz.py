@@ -1,7 +1,8 @@
-"""Figures the notebooks share: the series map, the sample photo, token grids, PCA maps.
+"""Figures the notebooks share: the one figure style, the series map, the sample photo, token grids, PCA maps.
 
-Every function draws with matplotlib and returns the figure (PNG inline in notebooks; nbval ignores
-PNG bytes, so figures never make CI flaky). Keep figures small: the notebooks are committed with outputs.
+Every notebook calls ``viz.use_style()`` in its set-up cell, so all figures are drawn for a projector: PNG at
+100 dpi, no text below 10 pt, a colour-blind-safe colour cycle. nbval ignores PNG bytes, so figures never
+make CI flaky. The notebooks are committed with their outputs: prefer fewer, better figures to smaller ones.
 """
 from __future__ import annotations
 
@@ -9,6 +10,42 @@ import torch
 from torch import Tensor
 
 from .utils import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: F401 - re-exported for the notebooks
+
+# Okabe & Ito's colour-blind-safe palette (blue, orange, green, vermillion, purple, sky blue, yellow, black).
+COLORS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+DPI = 100  # inline PNGs are drawn at figure.dpi (matplotlib_inline); 12.8 x 7.2 in -> a 1280 x 720 slide
+MIN_FONT_PT = 10  # no text smaller than this (checked by tools/check_figures.py)
+STYLE = {
+    "figure.dpi": DPI,
+    "savefig.dpi": DPI,
+    "figure.figsize": (12.8, 4.8),
+    "font.size": 13,
+    "axes.titlesize": 14,
+    "axes.labelsize": 13,
+    "xtick.labelsize": 12,
+    "ytick.labelsize": 12,
+    "legend.fontsize": 12,
+    "legend.title_fontsize": 12,
+    "figure.titlesize": 15,
+    "figure.labelsize": 13,
+    "lines.linewidth": 2.0,
+    "lines.markersize": 6,
+    "axes.linewidth": 1.0,
+}
+
+
+def use_style() -> None:
+    """Set matplotlib's rcParams for every figure of the series (call once, in the set-up cell).
+
+    Sizes: a figure of ``figsize=(12.8, 7.2)`` fills a 16:9 slide at 1280 x 720 px, ``(12.8, 4.8)`` (the
+    default) two thirds of it. Text: 13 pt base, 12 pt ticks and legends; relative sizes such as
+    ``fontsize="small"`` stay >= 10 pt. Notebooks do not set rcParams, ``dpi=`` or font sizes below 10."""
+    import matplotlib.pyplot as plt  # noqa: F401 - the inline backend is configured on this import
+    from cycler import cycler
+    from matplotlib import rcParams
+
+    rcParams.update(STYLE)
+    rcParams["axes.prop_cycle"] = cycler(color=COLORS)
 
 SERIES = [
     ("00", "dino_v1_v2_v3", "DINO v1 → v2 → v3: what changed"),
@@ -82,7 +119,7 @@ def draw_patch_grid(ax, img: Tensor, patch: int = 16, color: str = "white", lw: 
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title)
     return ax
 
 
