@@ -421,6 +421,21 @@ class ShapesWorld(torch.utils.data.Dataset):
         return {"n_objects": scene["active"].sum(1), "floor_texture": scene["floor_tex"].clone(),
                 "wall_texture": scene["wall_tex"].clone(), "floor_hue": scene["floor_hue"].float()}
 
+    def instances(self, indices: Iterable[int] | Tensor) -> dict[str, Tensor]:
+        """``batch(indices)`` plus ``instance_masks`` (B, N, S, S) bool: the visible pixels of each object, row k
+        aligned with ``boxes[:, k]`` and ``box_labels[:, k]`` (visible objects first, far to near; padding rows
+        are empty). For instance segmentation and detection targets (notebooks 14, 15)."""
+        out = self.batch(indices, layers=True)
+        inst = out.pop("instance")
+        for k in ("background_depth", "object_depth", "object_class"):
+            out.pop(k)
+        N = out["boxes"].shape[1]
+        slots = inst[:, None] == torch.arange(1, N + 1)[None, :, None, None]  # (B, N, S, S), slot order
+        visible = slots.flatten(2).any(-1)
+        front = torch.sort((~visible).to(torch.uint8), dim=1, stable=True).indices  # as the boxes: visible first
+        out["instance_masks"] = torch.gather(slots, 1, front[..., None, None].expand_as(slots))
+        return out
+
 
 def load_split(split: str = "train", n: int | None = None, **kwargs: Any) -> dict[str, Tensor]:
     """``ShapesWorld(split, **kwargs).tensors(n)``: the first n samples as stacked tensors.

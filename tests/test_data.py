@@ -319,3 +319,23 @@ def test_appearance_keeps_the_layout_and_changes_every_colour(ds):
 def test_appearance_rejects_bad_values(ds, bad):
     with pytest.raises(ValueError, match="appearance"):
         ds.batch(torch.arange(3), appearance=bad)
+
+
+def test_instances_are_aligned_with_boxes(ds):
+    idx = torch.arange(40)
+    out = ds.instances(idx)
+    plain = ds.batch(idx)
+    assert all(torch.equal(out[k], plain[k]) for k in KEYS)
+    masks = out["instance_masks"]
+    assert masks.shape == (40, ds.n_objects[1], SIZE, SIZE) and masks.dtype == torch.bool
+    assert not (masks.sum(1) > 1).any()  # instances never overlap
+    assert torch.equal(masks.any(1), out["mask"] > 0)  # together they are the objects of the semantic mask
+    for b in range(40):
+        for k, label in enumerate(out["box_labels"][b].tolist()):
+            if label == 0:
+                assert not masks[b, k].any()
+                continue
+            ys, xs = torch.nonzero(masks[b, k], as_tuple=True)
+            tight = (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
+            assert tight == tuple(out["boxes"][b, k].long().tolist())
+            assert (out["mask"][b][masks[b, k]] == label).all()
