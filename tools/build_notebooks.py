@@ -185,6 +185,7 @@ DECK_TEMPLATE = r"""{%- extends 'reveal/index.html.j2' -%}
 }
 .reveal { font-size: 22px; }
 .reveal .slides section { padding: 0 8px; box-sizing: border-box; }
+.reveal h1, .reveal h2, .reveal h3, .reveal h4 { text-transform: none; }
 .reveal .jp-RenderedHTMLCommon h1 { font-size: 44px; margin: 0 0 18px 0; }
 .reveal .jp-RenderedHTMLCommon h2 { font-size: 36px; margin: 0 0 14px 0; }
 .reveal .jp-RenderedHTMLCommon h3 { font-size: 30px; margin: 0 0 12px 0; }
@@ -215,6 +216,7 @@ def deck_exporter():
     c.SlidesExporter.reveal_height = str(SLIDE_H)
     c.SlidesExporter.exclude_input_prompt = True
     c.SlidesExporter.exclude_output_prompt = True
+    c.CoalesceStreamsPreprocessor.enabled = True  # one block per cell's printed output
     c.TagRemovePreprocessor.enabled = True
     c.TagRemovePreprocessor.remove_input_tags = {HIDE_INPUT}
     return SlidesExporter(config=c, extra_loaders=[jinja2.DictLoader({"dinolab_deck.html.j2": DECK_TEMPLATE})],
