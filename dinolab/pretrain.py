@@ -212,7 +212,7 @@ def _set_rng_state(gens: dict, state: dict) -> None:
 
 def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, device: str = "auto",
           resume: str | Path | None = None, state_path: str | Path | None = None, save_every: int = 0,
-          stop_after: int | None = None, evaluate=None) -> dict:
+          stop_after: int | None = None, evaluate=None, init: str | Path | None = None) -> dict:
     """Run both phases; return {"teacher": backbone, "student", "history": [...], "evals", "seconds", "step"}.
 
     ``state_path``: where the full training state (student, teacher, Gram teacher, optimizer, step, RNGs,
@@ -225,6 +225,10 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
     rank, world = _world()
     torch.manual_seed(cfg.seed)  # same init on every rank
     student = Student(cfg)
+    if init is not None:  # warm start: a backbone checkpoint (e.g. an earlier shipped teacher); heads start fresh
+        from .weights import load_into
+
+        load_into(student.backbone, init)
     if cfg.norm_last_layer:
         normalize_prototypes(student)
     teacher = copy.deepcopy(student)
@@ -437,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--resume", default=None, help="a state file to continue from ('auto': --state if it exists)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this many steps in total")
+    ap.add_argument("--init", default=None, help="start the backbone from this checkpoint (a warm start; heads fresh)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -463,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluate = ObjectKNN()
     try:
         train(cfg, out=args.out, device=args.device, resume=resume, state_path=state, save_every=args.save_every,
-              stop_after=args.stop_after, evaluate=evaluate, log=lambda *a: print(*a, flush=True))
+              stop_after=args.stop_after, evaluate=evaluate, init=args.init, log=lambda *a: print(*a, flush=True))
     finally:
         if distributed:
             dist.destroy_process_group()

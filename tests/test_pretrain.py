@@ -110,3 +110,13 @@ def test_student_appearance_views_train_and_resume(tmp_path):
     train(cfg, log=lambda *_: None, state_path=state, stop_after=1)
     resumed = train(cfg, log=lambda *_: None, resume=state)
     assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
+
+
+def test_init_warm_starts_student_and_teacher_from_a_checkpoint(tmp_path):
+    first = train(PretrainConfig(**{**TINY, "gram_steps": 0}), out=tmp_path / "a.pth", log=lambda *_: None)
+    res = train(PretrainConfig(**{**TINY, "gram_steps": 0, "steps": 1, "lr": 0.0, "momentum": (1.0, 1.0)}),
+                init=tmp_path / "a.pth", log=lambda *_: None)
+    saved = hub.dinov3_vittiny16(weights=tmp_path / "a.pth").state_dict()
+    for k, v in res["teacher"].state_dict().items():  # lr 0 and momentum 1: the teacher is the loaded backbone
+        torch.testing.assert_close(v, saved[k].to(v.dtype))
+    assert first["step"] == 3
