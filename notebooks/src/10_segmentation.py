@@ -17,7 +17,7 @@
 #    output as the real one;
 # 4. **RGB-D**: a 4-channel patch embedding initialised from the RGB one, and a 4-channel SPM;
 # 5. results: per-class IoU, boundary F-score, predictions drawn over the images, a `RESULT` line, and an honest
-#    look at the issue's goal (mIoU ≥ 0.80).
+#    look at the target (mIoU ≥ 0.80).
 #
 # Expected run time: about 100 s on 2 idle CPU cores (three short trainings of the adapter take most of it).
 
@@ -194,7 +194,7 @@ with torch.no_grad():
 # %% [markdown]
 # ## 3. Backbone → adapter → pixel decoder → FPN head, end to end
 #
-# The model (issue 5's pipeline): image → **frozen backbone** (4 layers) and **SPM** (conv stem) → 4 **interaction
+# The model: image → **frozen backbone** (4 layers) and **SPM** (conv stem) → 4 **interaction
 # blocks** (the SPM tokens read the ViT with deformable attention) → `{f1, f2, f3, f4}`, D = 192 channels at strides
 # 4, 8, 16, 32 → **pixel decoder** (`MSDeformAttnPixelDecoder`, notebook 09: a deformable-attention encoder over f4,
 # f3, f2 and one FPN step onto f1) → `mask_features` at stride 4 and `multi_scale_features` at strides 32, 16, 8
@@ -519,9 +519,9 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ### The issue's goal, honestly
+# ### The target, honestly
 #
-# The goal set for this notebook (issue 5): **mIoU ≥ 0.80** for backbone → adapter → pixel decoder → FPN head, and
+# The target set for this notebook: **mIoU ≥ 0.80** for backbone → adapter → pixel decoder → FPN head, and
 # above the official
 # linear head. The second part holds on every run (asserted above); the first does not come close on a CPU in this
 # budget. The numbers of this run:

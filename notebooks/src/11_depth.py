@@ -584,7 +584,7 @@ result = {"absrel": round(dpt_s["absrel"], 4), "delta1": round(dpt_s["delta1"], 
 print("RESULT " + json.dumps(result))
 
 # %% [markdown]
-# ### The issue's goal, and what would reach it
+# ### The target, and what would reach it
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -593,7 +593,7 @@ grid_gt = F.interpolate(F.interpolate(d_va[:, None], size=(S // 16, S // 16), mo
                         mode="bilinear", align_corners=False)[:, 0]
 oracle = metrics(grid_gt, d_va)  # an "oracle" that knows the true depth, but only at the 8 × 8 patch grid
 display(Markdown(
-    f"**Goal** (issue 5): δ1 ≥ 0.90 and AbsRel ≤ 0.10 on ShapesWorld depth. **Measured** (DPT head, frozen tiny "
+    f"**Target**: δ1 ≥ 0.90 and AbsRel ≤ 0.10 on ShapesWorld depth. **Measured** (DPT head, frozen tiny "
     f"backbone, {N_TRAIN} training images, {STEPS_DPT} steps): δ1 = {dpt_s['delta1']:.3f}, "
     f"AbsRel = {dpt_s['absrel']:.3f}, RMSE = {dpt_s['rmse']:.3f} m: the goal is "
     f"**{'reached' if ok else 'not reached'}**. For comparison, the per-row mean depth, which never looks at the image, "

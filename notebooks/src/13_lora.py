@@ -5,8 +5,8 @@
 # (notebooks 10–12). The seed's third part goes one step further: it fine-tunes the backbone with **LoRA**
 # (Hu et al., *LoRA: Low-Rank Adaptation of Large Language Models*, ICLR 2022), a low-rank update added to the
 # **q** and **v** projections of every attention layer, everything else frozen, after a public DINOv2/DINOv3
-# LoRA fine-tuning repository. The official repository itself has no LoRA code at all
-# (`../shared/reference/dinov3_official.md` §7), so this notebook is about *our* `dinolab/lora.py`.
+# LoRA fine-tuning repository. The official facebookresearch/dinov3 repository itself has no LoRA code at all,
+# so this notebook is about *our* `dinolab/lora.py` (checked against peft's LoRA in the tests).
 #
 # You will:
 #
