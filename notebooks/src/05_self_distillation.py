@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinolab import augment, dino_head, hub, losses, masking, schedules, trace
+from dinolab import augment, dino_head, evaluate, hub, losses, masking, schedules, trace
 from dinolab.data import CLASS_NAMES, MASK_COLORS, ShapesWorld
 from dinolab.linear import knn_accuracy
 from dinolab.pretrain import PretrainConfig, Student, train
@@ -1070,10 +1070,53 @@ display(Markdown("\n".join(rows) + f"\n\n(chance for view retrieval: 1/{N_VIEWS}
 # 0.87 after 1,500. This tiny ViT, trained end to end on the same labels, reached 0.42 after 1,500 steps.
 
 # %% [markdown]
+# ### 8.6 The protocol DINOv3 reports, on single objects
+#
+# ImageNet, where DINOv3 reports its k-NN and linear-probe numbers, is **object-centric**: one main object per
+# photo. Our cluttered scenes are not, so the image-level numbers above mix two questions (is there a shape in the
+# features, and which of several shapes is "the" label). The fair image-level test is the **object-centric split**
+# (`dinolab.evaluate.object_split`): one object per image, at `object_scale=3`, label = its class, in a random
+# appearance. On it we run the official protocols on frozen features (`dinolab.evaluate`):
+#
+# * **k-NN** as `dinov3/eval/knn.py`: normed CLS, cosine similarity, votes weighted by exp(sim / 0.07), k = 10 and 20
+#   (2,048 training and 1,024 validation images);
+# * a **linear probe** on [CLS ‖ mean patch] (the input of `dinov3/eval/linear.py`), trained full-batch with AdamW;
+# * a dense **patch probe**: one linear map per patch token against the mask of the standard cluttered scenes (the label
+#   of a 16-px patch is its most frequent pixel class), mIoU over the 6 classes.
+#
+# Three backbones, one architecture: **random init**, the **self-supervised** checkpoint, and, where
+# `data/dinov3_tiny_supervised.pth` exists, the **supervised control** (`python -m dinolab.supervised`: the same ViT
+# trained *with* the labels: masks and image labels), which is the ceiling for these features at this budget.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (accuracies over 1,024 images move in steps of 0.001; one flipped vote changes the last digit on another CPU)
+SUPERVISED = DATA / "dinov3_tiny_supervised.pth"
+backbones = {"random init": models["random init"], "self-supervised": models["pretrained"]}
+if SUPERVISED.exists():
+    backbones["supervised control"] = hub.build(rc["arch"], weights=SUPERVISED).eval().to(DEVICE)
+knn_eval = evaluate.ObjectKNN()  # 2,048 train / 1,024 val single-object images
+obj_tr, obj_va = (knn_eval.x_train, knn_eval.y_train), (knn_eval.x_val, knn_eval.y_val)
+scenes_tr = ShapesWorld("train", size=128).batch(range(1024))
+scenes_va = ShapesWorld("val", size=128).batch(range(512))
+protocol = {}
+for name, bb in backbones.items():
+    (c_tr, m_tr), (c_va, m_va) = evaluate.cls_features(bb, obj_tr[0]), evaluate.cls_features(bb, obj_va[0])
+    accs = evaluate.knn_accuracies(c_tr, obj_tr[1], c_va, obj_va[1])
+    lin = evaluate.linear_probe(torch.cat([c_tr, m_tr], 1), obj_tr[1], torch.cat([c_va, m_va], 1), obj_va[1])
+    protocol[name] = {"k-NN k=10": accs[10], "k-NN k=20": accs[20], "linear probe": lin,
+                      "patch probe mIoU": evaluate.patch_probe_miou(bb, scenes_tr, scenes_va)}
+majority_obj = torch.bincount(obj_va[1]).max().item() / len(obj_va[1])
+cols = list(next(iter(protocol.values())))
+display(Markdown("| backbone | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+                 + "\n".join(f"| {n} | " + " | ".join(f"{v[c]:.3f}" for c in cols) + " |" for n, v in protocol.items())
+                 + f"\n| (majority class) | {majority_obj:.3f} | {majority_obj:.3f} | {majority_obj:.3f} | |"))
+
+# %% [markdown]
 # ### Result, honestly
-# The goal we set ourselves was a k-NN accuracy of at least 0.85 on held-out scenes, 0.15 above random init. **The
-# shipped checkpoint does not reach it**: its CLS features classify the image label no better than its own random
-# initialisation (both near the majority-class rate). Section 8.5 shows why. In 500 CPU steps on batches of 32 scenes,
+# The targets we set ourselves, on the single-object split of 8.6: k-NN (k = 20) ≥ 0.90 and ≥ random init + 0.40, a
+# linear probe ≥ 0.95, and a patch probe mIoU ≥ 0.60 and ≥ random init + 0.25. **The shipped checkpoint does not reach
+# them**: its CLS features classify the shapes barely better than its own random initialisation. Section 8.5 shows why. In 500 CPU steps on batches of 32 scenes,
 # the colour-invariant targets never became consistent enough to teach anything, and the only thing the CLS token
 # learned more of is colour. Reaching the goal would take three things: a world where something class-related
 # survives the augmentations (for example shape-bound textures), far more steps at a larger batch (DINO-style
@@ -1085,17 +1128,26 @@ display(Markdown("\n".join(rows) + f"\n\n(chance for view retrieval: 1/{N_VIEWS}
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-result = {"knn_acc": round(knn["pretrained"], 3), "knn_acc_random": round(knn["random init"], 3),
-          "patch_probe_miou": round(probe["pretrained"], 3), "patch_probe_miou_random": round(probe["random init"], 3),
+ssl_p, rnd_p = protocol["self-supervised"], protocol["random init"]
+result = {"knn_acc": round(ssl_p["k-NN k=20"], 3), "knn_acc_random": round(rnd_p["k-NN k=20"], 3),
+          "knn_acc_supervised": (round(protocol["supervised control"]["k-NN k=20"], 3)
+                                 if "supervised control" in protocol else None),
+          "linear_acc": round(ssl_p["linear probe"], 3), "patch_miou": round(ssl_p["patch probe mIoU"], 3),
+          "patch_miou_random": round(rnd_p["patch probe mIoU"], 3),
+          "scenes_knn_acc": round(knn["pretrained"], 3), "scenes_knn_acc_random": round(knn["random init"], 3),
           "same_class_margin": round(margins["pretrained"], 3), "same_class_margin_random": round(margins["random init"], 3)}
 if "phase 1 (no Gram)" in models:
     result.update(knn_acc_phase1=round(knn["phase 1 (no Gram)"], 3),
                   patch_probe_miou_phase1=round(probe["phase 1 (no Gram)"], 3))
 print("RESULT " + json.dumps(result))
-print(f"goal k-NN >= 0.85 and >= random + 0.15: {'reached' if result['knn_acc'] >= max(0.85, result['knn_acc_random'] + 0.15) else 'NOT reached'}")
+targets = {"k-NN >= 0.90 and >= random + 0.40": result["knn_acc"] >= max(0.90, result["knn_acc_random"] + 0.40),
+           "linear probe >= 0.95": result["linear_acc"] >= 0.95,
+           "patch mIoU >= 0.60 and >= random + 0.25": result["patch_miou"] >= max(0.60, result["patch_miou_random"] + 0.25)}
+for t, ok in targets.items():
+    print(f"target {t}: {'reached' if ok else 'NOT reached'}")
 # what the shipped checkpoint does achieve: sharper patch-level similarity than at init
 assert result["same_class_margin"] >= result["same_class_margin_random"] + 0.05, result
-assert result["knn_acc"] > 0.0 and 0.0 < result["patch_probe_miou"] <= 1.0, result
+assert result["knn_acc"] > 0.0 and 0.0 < result["patch_miou"] <= 1.0, result
 
 # %% [markdown]
 # ## 9. Summary
