@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from . import augment, hub, losses, masking, schedules
 from .dino_head import DINOHead
 from .utils import normalize
-from .data import ShapesWorld
+from .data import Palette, ShapesWorld
 
 
 @dataclass
@@ -113,7 +113,18 @@ class PretrainConfig:
     # keeps the diagonal pairs (crop c of the student vs crop c of the teacher are no longer the same image), and
     # the iBOT targets are the teacher's patch tokens at the same positions in the original colours.
     student_appearance: bool = False
+    # With student_appearance: the teacher's render is in one fixed, plain appearance (grey flat objects on a grey
+    # tiled floor, CANONICAL_LOOK) instead of the scene's own. The teacher's targets then depend on the layout only,
+    # from the first step, and the student must predict them from a view in random colours.
+    teacher_canonical: bool = False
     eval_every: int = 0  # k-NN curves during training (python -m dinolab.pretrain evaluates on the object split)
+
+
+# One plain appearance (PretrainConfig.teacher_canonical): every colour range collapsed to a point, flat textures.
+CANONICAL_LOOK = dict(
+    palette=Palette(object_hue=(0.0, 0.0), object_sat=(0.0, 0.0), object_val=(0.9, 0.9), background_hue=(0.0, 0.0),
+                    floor_sat=(0.0, 0.0), floor_val=(0.45, 0.45), wall_sat=(0.0, 0.0), wall_val=(0.7, 0.7)),
+    textures=("flat",), floor_textures=("tiles",), wall_textures=("gradient",))
 
 
 class Student(nn.Module):
@@ -250,6 +261,10 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
                                     **{"hue": cfg.hue, **cfg.augment})
     data = ShapesWorld("train", size=cfg.image_size, n_objects=(cfg.min_objects, cfg.max_objects),
                        num_samples=1 << 30, object_scale=cfg.object_scale, seed=cfg.data_seed)
+    # the same scenes (same layout draws) in the plain look, for the teacher
+    teacher_data = ShapesWorld("train", size=cfg.image_size, n_objects=(cfg.min_objects, cfg.max_objects),
+                               num_samples=1 << 30, object_scale=cfg.object_scale, seed=cfg.data_seed,
+                               **CANONICAL_LOOK) if cfg.teacher_canonical else data
     gens = {"crops": torch.Generator().manual_seed(cfg.seed * 1000 + rank),
             "masks": torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank),
             "views": torch.Generator().manual_seed(cfg.seed * 1000 + 700 + rank)}
@@ -319,7 +334,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
             temp = float(temp_sched[step])
             B = cfg.batch_size
             idx = torch.arange((step * world + rank) * B, (step * world + rank + 1) * B)
-            images = data.batch(idx)["image"]
+            images = teacher_data.batch(idx)["image"]
             second = None
             p_app = cfg.appearance_p * min(1.0, (step + 1) / max(1, cfg.appearance_warmup))
             if p_app > 0:  # a re-render of the same scenes in a new appearance, for some of the images

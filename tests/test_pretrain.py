@@ -120,3 +120,24 @@ def test_init_warm_starts_student_and_teacher_from_a_checkpoint(tmp_path):
     for k, v in res["teacher"].state_dict().items():  # lr 0 and momentum 1: the teacher is the loaded backbone
         torch.testing.assert_close(v, saved[k].to(v.dtype))
     assert first["step"] == 3
+
+
+def test_canonical_look_keeps_the_layout_and_has_one_colour_per_surface():
+    from dinolab.data import ShapesWorld
+    from dinolab.pretrain import CANONICAL_LOOK
+
+    kw = dict(size=48, n_objects=(1, 2), num_samples=64)
+    own, plain = ShapesWorld("train", **kw).batch(range(16)), ShapesWorld("train", **kw, **CANONICAL_LOOK).batch(range(16))
+    assert torch.equal(own["mask"], plain["mask"]) and torch.equal(own["label"], plain["label"])
+    rgb = plain["image"].permute(0, 2, 3, 1)
+    assert (rgb.amax(-1) - rgb.amin(-1)).max() < 1e-5  # grey everywhere: no colour left to share between views
+    obj = plain["mask"] > 0
+    # every object pixel is the same grey up to shading (the dome) and grain, whatever the scene
+    assert rgb[..., 0][obj].std() < 0.1
+
+
+def test_teacher_canonical_run(tmp_path):
+    cfg = PretrainConfig(**{**TINY, "steps": 2, "gram_steps": 1, "appearance_p": 1.0, "student_appearance": True,
+                            "teacher_canonical": True})
+    res = train(cfg, log=lambda *_: None)
+    assert res["step"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"])
