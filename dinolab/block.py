@@ -111,12 +111,14 @@ class SelfAttentionBlock(nn.Module):
         attn_class: type[nn.Module] = SelfAttention,
         ffn_layer=Mlp,
         mask_k_bias: bool = False,
+        fused_rope: bool = False,
         device=None,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = attn_class(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
-                               attn_drop=attn_drop, proj_drop=drop, mask_k_bias=mask_k_bias, device=device)
+                               attn_drop=attn_drop, proj_drop=drop, mask_k_bias=mask_k_bias, fused_rope=fused_rope,
+                               device=device)
         self.ls1 = LayerScale(dim, init_values, device=device) if init_values else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = ffn_layer(in_features=dim, hidden_features=int(dim * ffn_ratio), act_layer=act_layer,
@@ -135,12 +137,5 @@ class SelfAttentionBlock(nn.Module):
             idx2 = torch.randperm(b, device=x.device)[:keep]
             r2 = self.ls2(self.mlp(self.norm2(x[idx2])))
             return torch.index_add(x, 0, idx2, r2.to(x.dtype), alpha=scale)
-        x = _add_residual(x, self.attn(self.norm1(x), rope=rope), self.ls1)
-        return _add_residual(x, self.mlp(self.norm2(x)), self.ls2)
-
-
-def _add_residual(x: Tensor, branch: Tensor, ls: nn.Module) -> Tensor:
-    """x + ls(branch); with LayerScale as one fused multiply-add (x + gamma * branch)."""
-    if isinstance(ls, LayerScale) and not ls.inplace:
-        return torch.addcmul(x, branch, ls.gamma)
-    return x + ls(branch)
+        x = x + self.ls1(self.attn(self.norm1(x), rope=rope))
+        return x + self.ls2(self.mlp(self.norm2(x)))

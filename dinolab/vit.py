@@ -65,8 +65,11 @@ class DinoVisionTransformer(nn.Module):
         mask_k_bias: bool = False,
         untie_cls_and_patch_norms: bool = False,
         untie_global_and_local_cls_norm: bool = False,
+        fused_rope: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
+        """Official kwargs, plus ``fused_rope`` (ours, no parameters): rotate q and k in place inside the
+        fused qkv output, same numbers as the readable ``SelfAttention.apply_rope`` (see attention.py)."""
         super().__init__()
         if ffn_layer not in FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected one of {sorted(FFN_LAYERS)}")
@@ -101,7 +104,7 @@ class DinoVisionTransformer(nn.Module):
                     dim=embed_dim, num_heads=num_heads, ffn_ratio=ffn_ratio, qkv_bias=qkv_bias,
                     proj_bias=proj_bias, ffn_bias=ffn_bias, drop_path=drop_path_rate, norm_layer=norm,
                     act_layer=nn.GELU, ffn_layer=FFN_LAYERS[ffn_layer], init_values=layerscale_init,
-                    mask_k_bias=mask_k_bias,
+                    mask_k_bias=mask_k_bias, fused_rope=fused_rope,
                 )
                 for _ in range(depth)
             )
@@ -170,18 +173,9 @@ class DinoVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def rope_for(self, H: int, W: int) -> tuple[Tensor, Tensor]:
-        """(sin, cos), each (H*W, D_head), for an H x W patch grid: what one block is given.
-        In training each block draws its own RoPE augmentation (the official code calls rope_embed
-        once per block); in eval the result is the same every time, so it is computed once per
-        (H, W) and device and reused by every block."""
-        if self.training:
-            return self.rope_embed(H=H, W=W)
-        p = self.rope_embed.periods  # the key changes when periods are moved, cast or loaded in place
-        key = (H, W, p.device, p.dtype, p.data_ptr(), p._version, self.rope_embed.normalize_coords)
-        if getattr(self, "_rope_cache_key", None) != key:
-            self._rope_cache = self.rope_embed(H=H, W=W)
-            self._rope_cache_key = key
-        return self._rope_cache
+        """(sin, cos), each (H*W, D_head), for an H x W patch grid: what one block is given. Called once
+        per block, as the official code does: in training each block then draws its own RoPE augmentation."""
+        return self.rope_embed(H=H, W=W)
 
     def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | list | None = None):
         """A dict for a Tensor, a list of dicts for a list of crops (e.g. [global, local])."""

@@ -22,6 +22,9 @@ def test_trace_on_meta_device_for_vit_l_at_512():
     assert rows["patch_embed.proj"].output == "[4,1024,32,32]"
     assert rows["blocks.0-23"].input.startswith("([4,1029,1024]")
     assert rows["blocks.0-23.mlp"].count == 24
+    # LayerScale is called as a module (x + ls1(attn(norm1(x)))), so it has rows; RoPE is computed once per block
+    assert rows["blocks.0-23.ls1"].count == rows["blocks.0-23.ls2"].count == 24
+    assert rows["rope_embed"].count == 24
 
 
 def test_fmt_shape_nested():

@@ -662,9 +662,9 @@ print(f"rescale: one factor {ratio[0].item():.3f} on both axes; jitter: row x{ra
 # %% [markdown]
 # **Each block draws its own augmentation.** The official ViT calls `self.rope_embed(H=H, W=W)` inside the block
 # loop (`dinov3/models/vision_transformer.py`), so in training each block gets fresh random coordinates: a
-# different rescale factor per block for the same image. In eval mode every block gets the same values, so
-# `dinolab`'s ViT computes them once per grid and lets all blocks reuse them (our optimisation; the official code
-# recomputes them in every block). We record the coordinates each call produces in the tiny ViT of the series
+# different rescale factor per block for the same image. In eval mode every block gets the same values (both the
+# official code and `dinolab`'s ViT still recompute them in every block: for a patch grid that costs next to
+# nothing). We record the coordinates each call produces in the tiny ViT of the series
 # (`dinov3_vittiny16`: 6 blocks, hub RoPE settings) by wrapping its `rope_embed.coords`.
 
 # %%

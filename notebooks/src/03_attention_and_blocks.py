@@ -865,8 +865,8 @@ with torch.device("meta"):
 trace(blk_L, x_meta, rope_meta, max_depth=2)
 
 # %% [markdown]
-# LayerScale has no row of its own: `dinolab` applies $\gamma$ inside one fused multiply-add
-# (`torch.addcmul(x, branch, gamma)` $= x + \gamma \odot \text{branch}$), outside any submodule call.
+# `ls1` and `ls2` are the LayerScale modules ($\gamma \odot \text{branch}$): the block calls them as the official
+# code does, `x = x + ls1(attn(norm1(x), rope))`, so each has its own row.
 
 # %% [markdown]
 # | piece | official file | what to remember |

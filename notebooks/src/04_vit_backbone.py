@@ -66,7 +66,7 @@ print("device type:", DEVICE.type)
 #
 # The official code calls `rope_embed` once per block: in training each block then draws its own random
 # coordinate augmentation (`rescale_coords=2`). In eval the result is the same for every block, so we compute it
-# once below (and `dinolab.vit` caches it in eval mode: our choice, same numbers).
+# once below (`dinolab.vit` calls it in every block, as the official code: same numbers).
 #
 # We use the settings every released model shares (`dinov3/hub/backbones.py`, in `dinolab.hub.HUB_COMMON`)
 # with the small width of `dinov3_vittiny16`, a configuration of ours that notebook 05 pretrains on a CPU.
@@ -405,9 +405,6 @@ x_meta = torch.empty(4, 3, 512, 512, device="meta")
 with FlopCounterMode(display=False) as fc:
     flow = trace.trace(vitl, x_meta, max_depth=3)
 print(flow)
-if not any(".ls1" in row.name for row in flow):
-    print("(ls1/ls2 have no rows: SelfAttentionBlock applies LayerScale as one fused x + gamma * branch, "
-          "without calling the module)")
 print(f"\n{fc.get_total_flops() / 1e12:.2f} TFLOPs for the batch of 4 at 512x512")
 
 # %% [markdown]
@@ -432,9 +429,8 @@ print(f"  return_class_token=True    -> {len(layers)} x ({list(layers[0][0].shap
 # %% [markdown]
 # ### torchinfo summary of the tiny model
 #
-# `torchinfo` runs one forward pass with hooks, like `dinolab.trace`. We give it a fresh model each time: in eval mode
-# `dinolab.vit` caches the RoPE tables after the first pass, so a second summary of the same model would no longer
-# list `rope_embed`. Its parameter total is right. Its **mult-adds total is not** for transformers: it multiplies a
+# `torchinfo` runs one forward pass with hooks, like `dinolab.trace` (we build a fresh, seeded model for each
+# summary, to check that it is deterministic). Its parameter total is right. Its **mult-adds total is not** for transformers: it multiplies a
 # Linear's weights by the batch size only, not by the number of tokens (checked below), so it is about N times
 # too small. Use the FLOP counter above instead.
 
