@@ -430,9 +430,9 @@ print(f"  return_class_token=True    -> {len(layers)} x ({list(layers[0][0].shap
 # ### torchinfo summary of the tiny model
 #
 # `torchinfo` runs one forward pass with hooks, like `dinolab.trace` (we build a fresh, seeded model for each
-# summary, to check that it is deterministic). Its parameter total is right. Its **mult-adds total is not** for transformers: it multiplies a
-# Linear's weights by the batch size only, not by the number of tokens (checked below), so it is about N times
-# too small. Use the FLOP counter above instead.
+# summary, to check that it is deterministic). Its parameter total is right. Its **mult-adds total is not** for
+# transformers: it multiplies a Linear's weights by the batch size only, not by the number of tokens (checked
+# below), so it is about N times too small. Use the FLOP counter above instead.
 
 # %%
 import torchinfo
