@@ -1,36 +1,13 @@
-"""Multi-scale deformable attention (MSDeformAttn), as used by the DINOv3 adapter and Mask2Former pixel decoder.
+"""Multi-scale deformable attention (Deformable DETR), as in ``dinov3/eval/segmentation/models/utils/ms_deform_attn.py``.
 
-Dense attention lets every query look at every key: with ``Lq`` queries over a feature pyramid of
-``ΣHW = Σ_l H_l·W_l`` positions, that costs ``O(Lq · ΣHW · d)`` — quadratic in the number of pixels when the
-queries are the pixels themselves (5376² pairs for a 64²+32²+16² pyramid).
+Each query, in each head, reads ``P`` points per pyramid level (bilinear, zeros outside the map) and sums them
+with its attention weights. Shapes: value [B, ΣHW, heads, d] (levels flattened row-major and concatenated),
+sampling_locations [B, Lq, heads, L, P, 2] as (x, y) in [0, 1] with (0, 0) the top-left *corner*,
+attention_weights [B, Lq, heads, L, P] -> [B, Lq, heads·d]. Notebook 07 builds it step by step.
 
-Deformable attention (Zhu et al., "Deformable DETR", 2021) instead lets each query, in each head, look at only
-``P`` points per pyramid level (``P = 4`` by default):
-
-* from its own features the query *predicts* ``P`` 2-d offsets per (head, level) (``sampling_offsets``) and
-  ``L·P`` attention logits per head (``attention_weights``, softmaxed jointly over levels and points);
-* the offsets are added to the query's *reference point* (e.g. its own pixel centre), measured in pixels of each
-  level, giving ``sampling_locations`` in normalised [0, 1] image coordinates;
-* the head's value map is read at those (fractional) locations with bilinear interpolation and the samples are
-  averaged with the attention weights.
-
-So the cost is ``O(Lq · heads · L · P · d_head) = O(Lq · L · P · d)``: linear in the number of queries and
-independent of the feature-map size. Nothing here is a dot-product attention: the "attention weights" come from a
-linear layer on the query, not from query-key similarity.
-
-Conventions (identical to the official ``ms_deform_attn_core_pytorch`` / ``F.grid_sample`` with
-``align_corners=False, padding_mode="zeros"``):
-
-* ``spatial_shapes`` rows are ``(H, W)``; ``sampling_locations[..., 0]`` is x (width), ``[..., 1]`` is y;
-* location (0, 0) is the top-left *corner* of the map and (1, 1) the bottom-right corner; pixel ``i`` has its
-  centre at ``(i + 0.5) / W``;
-* samples that fall (partly) outside the map read zeros there.
-
-The official DINOv3 code (``dinov3/eval/segmentation/models/utils/ms_deform_attn.py``) runs this forward in pure
-PyTorch but needs a compiled CUDA op for the *backward*. :func:`ms_deform_attn` here is pure PyTorch for both
-directions, so the adapter and pixel decoder train on a CPU. It is also faster than the ``grid_sample`` reference
-on CPU (about 3× on the benchmark in ``tests/benchmarks/msdeform_speed.py``); the comment block above
-``_MSDeformAttnFunction`` explains how.
+:func:`ms_deform_attn` is the official ``ms_deform_attn_core_pytorch`` (one ``F.grid_sample`` per level).
+``fused=True`` computes the same numbers as one weighted gather-sum (``F.embedding_bag``) with a hand-written
+backward: faster on a CPU (tests/benchmarks/msdeform_speed.py), explained in the comments above ``_Geometry``.
 """
 from __future__ import annotations
 
@@ -42,11 +19,110 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ms_deform_attn", "MSDeformAttn"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_core_pytorch", "MSDeformAttn"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The core
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ms_deform_attn_core_pytorch(value: Tensor, shapes: Sequence[tuple[int, int]], sampling_locations: Tensor,
+                                attention_weights: Tensor) -> Tensor:
+    """The official pure-PyTorch core: per level, ``F.grid_sample`` every (batch, head) value map at its
+    queries' points, then the attention-weighted sum over levels and points. Shapes as in the module docstring."""
+    B, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    value_list = value.split([h * w for h, w in shapes], dim=1)
+    sampling_grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    sampling_value_list = []
+    for lvl, (h, w) in enumerate(shapes):
+        # [B, h·w, M, D] -> [B·M, D, h, w]
+        value_l = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
+        # [B, Lq, M, P, 2] -> [B·M, Lq, P, 2]
+        grid_l = sampling_grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        # [B·M, D, Lq, P]: bilinear, zeros outside the map, pixel i's centre at (i + 0.5) / w
+        sampling_value_list.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [B, Lq, M, L, P] -> [B·M, 1, Lq, L·P]
+    attention_weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
+    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights).sum(-1)  # [B·M, D, Lq]
+    return output.view(B, M * D, Lq).transpose(1, 2).contiguous()
+
+
+def _as_shapes(spatial_shapes, device) -> tuple[list[tuple[int, int]], Tensor]:
+    """Accept a LongTensor [L, 2] or a list of (H, W); return both a python list and a LongTensor."""
+    if isinstance(spatial_shapes, Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise ValueError(f"spatial_shapes must have shape [L, 2] (H, W), got {tuple(spatial_shapes.shape)}")
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    else:
+        shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes]
+        if any(len(hw) != 2 for hw in shapes):
+            raise ValueError(f"spatial_shapes must be a list of (H, W) pairs, got {spatial_shapes!r}")
+    if len(shapes) == 0:
+        raise ValueError("spatial_shapes is empty: need at least one level")
+    if any(h <= 0 or w <= 0 for h, w in shapes):
+        raise ValueError(f"spatial_shapes must be positive, got {shapes}")
+    return shapes, torch.tensor(shapes, dtype=torch.long, device=device)
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    fused: bool = False,
+) -> Tensor:
+    """Multi-scale deformable attention core (pure PyTorch, differentiable w.r.t. all three tensors).
+
+    Args:
+        value: [B, ΣHW, heads, d] — the flattened levels, concatenated level after level, row-major (y, x).
+        spatial_shapes: LongTensor [L, 2] or list of (H, W) per level.
+        sampling_locations: [B, Lq, heads, L, P, 2] as (x, y) in [0, 1] (values outside read zeros).
+        attention_weights: [B, Lq, heads, L, P] (normally softmaxed over L·P; not required here).
+        fused: False: :func:`ms_deform_attn_core_pytorch` (grid_sample, the official code); True: the same numbers
+            as one weighted gather-sum with its own backward, faster on a CPU (see the comments above ``_Geometry``).
+
+    Returns:
+        [B, Lq, heads·d].
+    """
+    shapes, _ = _as_shapes(spatial_shapes, value.device)
+    if value.dim() != 4:
+        raise ValueError(f"value must be [B, ΣHW, heads, d], got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"sampling_locations must be [B, Lq, heads, L, P, 2], got shape {tuple(sampling_locations.shape)}"
+        )
+    B, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    total = sum(h * w for h, w in shapes)
+    if total != S:
+        raise ValueError(f"ΣHW of spatial_shapes {shapes} is {total} != value.shape[1] = {S}")
+    if len(shapes) != L:
+        raise ValueError(f"spatial_shapes has {len(shapes)} levels but sampling_locations has L = {L}")
+    if sampling_locations.shape[0] != B or sampling_locations.shape[2] != M:
+        raise ValueError(
+            f"sampling_locations (batch, heads) = {(sampling_locations.shape[0], sampling_locations.shape[2])} "
+            f"!= value (batch, heads) = {(B, M)}"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"attention_weights shape {tuple(attention_weights.shape)} != sampling_locations.shape[:-1] = "
+            f"{tuple(sampling_locations.shape[:-1])}"
+        )
+    if not value.is_floating_point():
+        raise ValueError(f"value must be a floating-point tensor, got {value.dtype}")
+    loc = sampling_locations.to(value.dtype)
+    attn = attention_weights.to(value.dtype)
+    if fused:
+        return _MSDeformAttnFunction.apply(value, loc, attn, tuple(shapes))
+    return ms_deform_attn_core_pytorch(value, shapes, loc, attn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused core (fused=True): the same numbers, faster on a CPU
 # ---------------------------------------------------------------------------------------------------------------
 #
 # How the reference does it (official ``ms_deform_attn_core_pytorch`` = transformers' ``MultiScaleDeformableAttention``):
@@ -93,23 +169,6 @@ __all__ = ["ms_deform_attn", "MSDeformAttn"]
 
 _INT32_LIMIT = 2**31  # use int32 indices when every table row fits (faster embedding_bag and sort)
 _PAD = 2  # zero border (pixels) around each level; 2 so that clamped far-away points read only zeros
-
-
-def _as_shapes(spatial_shapes, device) -> tuple[list[tuple[int, int]], Tensor]:
-    """Accept a LongTensor [L, 2] or a list of (H, W); return both a python list and a LongTensor."""
-    if isinstance(spatial_shapes, Tensor):
-        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-            raise ValueError(f"spatial_shapes must have shape [L, 2] (H, W), got {tuple(spatial_shapes.shape)}")
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    else:
-        shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes]
-        if any(len(hw) != 2 for hw in shapes):
-            raise ValueError(f"spatial_shapes must be a list of (H, W) pairs, got {spatial_shapes!r}")
-    if len(shapes) == 0:
-        raise ValueError("spatial_shapes is empty: need at least one level")
-    if any(h <= 0 or w <= 0 for h, w in shapes):
-        raise ValueError(f"spatial_shapes must be positive, got {shapes}")
-    return shapes, torch.tensor(shapes, dtype=torch.long, device=device)
 
 
 class _Geometry:
@@ -284,55 +343,6 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         return grad_value, grad_loc, grad_attn, None
 
 
-def ms_deform_attn(
-    value: Tensor,
-    spatial_shapes: Tensor | Sequence[tuple[int, int]],
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
-    """Multi-scale deformable attention core (pure PyTorch, differentiable w.r.t. all three tensors).
-
-    Args:
-        value: [B, ΣHW, heads, d] — the flattened levels, concatenated level after level, row-major (y, x).
-        spatial_shapes: LongTensor [L, 2] or list of (H, W) per level.
-        sampling_locations: [B, Lq, heads, L, P, 2] as (x, y) in [0, 1] (values outside read zeros).
-        attention_weights: [B, Lq, heads, L, P] (normally softmaxed over L·P; not required here).
-
-    Returns:
-        [B, Lq, heads·d]. Same numbers as the official ``ms_deform_attn_core_pytorch`` (grid_sample, bilinear,
-        zero padding, ``align_corners=False``), computed as one weighted gather-sum (see the comments above).
-    """
-    shapes, _ = _as_shapes(spatial_shapes, value.device)
-    if value.dim() != 4:
-        raise ValueError(f"value must be [B, ΣHW, heads, d], got shape {tuple(value.shape)}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(
-            f"sampling_locations must be [B, Lq, heads, L, P, 2], got shape {tuple(sampling_locations.shape)}"
-        )
-    B, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
-    total = sum(h * w for h, w in shapes)
-    if total != S:
-        raise ValueError(f"ΣHW of spatial_shapes {shapes} is {total} != value.shape[1] = {S}")
-    if len(shapes) != L:
-        raise ValueError(f"spatial_shapes has {len(shapes)} levels but sampling_locations has L = {L}")
-    if sampling_locations.shape[0] != B or sampling_locations.shape[2] != M:
-        raise ValueError(
-            f"sampling_locations (batch, heads) = {(sampling_locations.shape[0], sampling_locations.shape[2])} "
-            f"!= value (batch, heads) = {(B, M)}"
-        )
-    if attention_weights.shape != sampling_locations.shape[:-1]:
-        raise ValueError(
-            f"attention_weights shape {tuple(attention_weights.shape)} != sampling_locations.shape[:-1] = "
-            f"{tuple(sampling_locations.shape[:-1])}"
-        )
-    if not value.is_floating_point():
-        raise ValueError(f"value must be a floating-point tensor, got {value.dtype}")
-    loc = sampling_locations.to(value.dtype)
-    attn = attention_weights.to(value.dtype)
-    return _MSDeformAttnFunction.apply(value, loc, attn, tuple(shapes))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,6 +358,8 @@ class MSDeformAttn(nn.Module):
         n_points: sampling points P per (head, level).
         ratio: value channels = ``int(d_model * ratio)`` (the DINOv3 adapter uses 0.5; the pixel decoder 1.0).
             Each head gets ``int(d_model * ratio) // n_heads`` of them.
+        fused: use the fused CPU core (``ms_deform_attn(..., fused=True)``); same numbers. A plain attribute,
+            so it can also be switched on a built model.
 
     Parameters (official names): ``sampling_offsets`` Linear(d_model, heads·L·P·2), ``attention_weights``
     Linear(d_model, heads·L·P), ``value_proj`` Linear(d_model, int(d_model·ratio)), ``output_proj``
@@ -358,7 +370,8 @@ class MSDeformAttn(nn.Module):
     there is no "per-head dim should be a power of 2" warning (that only concerned the CUDA kernel).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, ratio: float = 1.0):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, ratio: float = 1.0,
+                 fused: bool = False):
         super().__init__()
         # The official module checks d_model % n_heads; with ratio != 1 it then views the value as
         # [.., heads, int(d_model*ratio) // heads], which only works if heads also divides the scaled width.
@@ -376,6 +389,7 @@ class MSDeformAttn(nn.Module):
         self.n_points = n_points
         self.ratio = ratio
         self.value_dim = value_dim
+        self.fused = fused
         self.im2col_step = 64  # kept for parity with the official module; unused by the PyTorch core
 
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
@@ -462,5 +476,5 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
 
-        out = ms_deform_attn(value, shapes, loc, attn)
+        out = ms_deform_attn(value, shapes, loc, attn, fused=self.fused)
         return self.output_proj(out)

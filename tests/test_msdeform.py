@@ -50,21 +50,24 @@ def _grads(fn, value, loc, attn, grad_out=None):
 # ------------------------------------------------------------------------------------------------------ core
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["grid_sample", "fused"])
 @pytest.mark.parametrize("B,shapes", [(2, SHAPES), (1, [(6, 4)]), (3, [(1, 1), (2, 3)])])
-def test_core_matches_transformers_forward_and_grads_float64(B, shapes):
+def test_core_matches_transformers_forward_and_grads_float64(B, shapes, fused):
     value, loc, attn = _inputs(B=B, shapes=shapes)
     out_ref, grads_ref, go = _grads(lambda v, l, a: _hf_core(v, shapes, l, a), value, loc, attn)
-    out, grads, _ = _grads(lambda v, l, a: ms_deform_attn(v, torch.tensor(shapes), l, a), value, loc, attn, go)
+    out, grads, _ = _grads(lambda v, l, a: ms_deform_attn(v, torch.tensor(shapes), l, a, fused=fused), value, loc, attn,
+                           go)
     assert out.shape == (B, loc.shape[1], value.shape[2] * value.shape[3])
     torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=1e-12)
     for name, g, g_ref in zip(["value", "sampling_locations", "attention_weights"], grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-11, rtol=1e-11, msg=lambda m: f"grad {name}: {m}")
 
 
-def test_core_float32_close_to_transformers():
+@pytest.mark.parametrize("fused", [False, True], ids=["grid_sample", "fused"])
+def test_core_float32_close_to_transformers(fused):
     value, loc, attn = _inputs(B=2, M=4, D=8, P=4, Lq=40, dtype=torch.float32)
     out_ref, grads_ref, go = _grads(lambda v, l, a: _hf_core(v, SHAPES, l, a), value, loc, attn)
-    out, grads, _ = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a), value, loc, attn, go)
+    out, grads, _ = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a, fused=fused), value, loc, attn, go)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
@@ -83,7 +86,8 @@ def _bilinear_brute(vmap, x, y):
     return out
 
 
-def test_core_matches_bruteforce_loop():
+@pytest.mark.parametrize("fused", [False, True], ids=["grid_sample", "fused"])
+def test_core_matches_bruteforce_loop(fused):
     shapes = [(3, 4), (2, 1)]
     B, M, D, P, Lq = 2, 2, 3, 2, 5
     value, loc, attn = _inputs(B=B, shapes=shapes, M=M, D=D, P=P, Lq=Lq, lo=-0.3, hi=1.3, seed=3)
@@ -97,23 +101,25 @@ def test_core_matches_bruteforce_loop():
                     for p in range(P):
                         x, y = loc[b, q, h, lvl, p].tolist()
                         ref[b, q, h] += attn[b, q, h, lvl, p] * _bilinear_brute(vmap, x, y)
-    out = ms_deform_attn(value, shapes, loc, attn)
+    out = ms_deform_attn(value, shapes, loc, attn, fused=fused)
     torch.testing.assert_close(out, ref.reshape(B, Lq, M * D), atol=1e-12, rtol=1e-12)
 
 
-def test_core_known_values():
+@pytest.mark.parametrize("fused", [False, True], ids=["grid_sample", "fused"])
+def test_core_known_values(fused):
     """Pixel centres read the pixel exactly; the corner (0, 0) reads a quarter of pixel (0, 0)."""
     H, W = 2, 3
     value = torch.arange(H * W, dtype=torch.float64).view(1, H * W, 1, 1) + 1.0  # pixel (i, j) = 3i + j + 1
     centres = [((j + 0.5) / W, (i + 0.5) / H) for i in range(H) for j in range(W)]
     loc = torch.tensor(centres + [(0.0, 0.0), (2.0, 2.0)], dtype=torch.float64).view(1, -1, 1, 1, 1, 2)
     attn = torch.ones(1, loc.shape[1], 1, 1, 1, dtype=torch.float64)
-    out = ms_deform_attn(value, [(H, W)], loc, attn).flatten()
+    out = ms_deform_attn(value, [(H, W)], loc, attn, fused=fused).flatten()
     expected = torch.tensor([1, 2, 3, 4, 5, 6, 0.25, 0.0], dtype=torch.float64)
     torch.testing.assert_close(out, expected)
 
 
-def test_core_gradcheck():
+@pytest.mark.parametrize("fused", [False, True], ids=["grid_sample", "fused"])
+def test_core_gradcheck(fused):
     shapes = [(3, 4), (2, 2)]
     value, loc, attn = _inputs(B=1, shapes=shapes, M=2, D=2, P=2, Lq=3, lo=-0.2, hi=1.2, seed=5)
     # keep every point away from the pixel grid, where bilinear interpolation has kinks
@@ -123,30 +129,50 @@ def test_core_gradcheck():
             frac = c - c.floor()
             loc[..., lvl, :, k] = (c.floor() + 0.15 + 0.7 * frac + 0.5) / n
     ins = tuple(t.clone().requires_grad_(True) for t in (value, loc, attn))
-    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, shapes, l, a), ins, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, shapes, l, a, fused=fused), ins, eps=1e-6,
+                                    atol=1e-8)
 
 
 def test_core_int64_index_path(monkeypatch):
-    """Tables too big for int32 indices switch to int64: same numbers (forced here with a tiny limit)."""
+    """Fused core: tables too big for int32 indices switch to int64: same numbers (forced here with a tiny limit)."""
     value, loc, attn = _inputs(B=2)
-    out32, grads32, go = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a), value, loc, attn)
+    out32, grads32, go = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a, fused=True), value, loc, attn)
     monkeypatch.setattr(msd, "_INT32_LIMIT", 0)
-    out64, grads64, _ = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a), value, loc, attn, go)
+    out64, grads64, _ = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a, fused=True), value, loc, attn, go)
     torch.testing.assert_close(out64, out32, atol=0, rtol=0)
     for g, g_ref in zip(grads64, grads32):
         torch.testing.assert_close(g, g_ref, atol=0, rtol=0)
 
 
-def test_core_no_grad_and_partial_grads():
+@pytest.mark.parametrize("fused", [False, True], ids=["grid_sample", "fused"])
+def test_core_no_grad_and_partial_grads(fused):
     value, loc, attn = _inputs(B=1)
     with torch.no_grad():
-        ref = ms_deform_attn(value, SHAPES, loc, attn)
+        ref = ms_deform_attn(value, SHAPES, loc, attn, fused=fused)
     v = value.clone().requires_grad_(True)  # only value needs a gradient
-    out = ms_deform_attn(v, SHAPES, loc, attn)
+    out = ms_deform_attn(v, SHAPES, loc, attn, fused=fused)
     torch.testing.assert_close(out.detach(), ref)
     out.sum().backward()
     _, grads_ref, _ = _grads(lambda a, b, c: _hf_core(a, SHAPES, b, c), value, loc, attn, torch.ones_like(ref))
     torch.testing.assert_close(v.grad, grads_ref[0], atol=1e-12, rtol=1e-12)
+
+
+def test_fused_core_equals_the_grid_sample_core():
+    """The fused gather-sum (fused=True) and the official grid_sample core: same output and gradients (float64),
+    also through the module."""
+    value, loc, attn = _inputs(B=2, M=4, D=5, P=3, Lq=23, seed=7)
+    out, grads, go = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a), value, loc, attn)
+    out_f, grads_f, _ = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a, fused=True), value, loc, attn, go)
+    torch.testing.assert_close(out_f, out, atol=1e-12, rtol=1e-12)
+    for g_f, g in zip(grads_f, grads):
+        torch.testing.assert_close(g_f, g, atol=1e-11, rtol=1e-11)
+    m = MSDeformAttn(24, n_levels=len(SHAPES), n_heads=3, n_points=2).double()
+    _randomise(m)
+    query, feat, ref = _module_inputs(2, 9, 24, SHAPES)
+    plain = m(query, ref, feat, torch.tensor(SHAPES))
+    m.fused = True
+    torch.testing.assert_close(m(query, ref, feat, torch.tensor(SHAPES)), plain, atol=1e-12, rtol=1e-12)
+    assert MSDeformAttn(24, n_levels=3, n_heads=3, fused=True).fused
 
 
 def test_core_bad_inputs():
