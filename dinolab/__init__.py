@@ -19,6 +19,4 @@ _SUBMODULES = {
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
-    if name == "trace_table":
-        return importlib.import_module(".trace", __name__).trace
     raise AttributeError(f"module 'dinolab' has no attribute {name!r}")

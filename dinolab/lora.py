@@ -1,64 +1,14 @@
-"""LoRA (low-rank adaptation) on the fused ``qkv`` projection of every DINOv3 block.
+"""LoRA (Hu et al., 2021) on the fused ``qkv`` projection of every DINOv3 block, as peft's ``lora.Linear``.
 
-The low-rank idea
------------------
-Fine-tuning changes a pretrained weight ``W`` (d_out x d_in) into ``W + ΔW``. LoRA (Hu et al., 2021)
-assumes the useful change has low rank and learns it as a product::
+Each target third of the ``Linear(D, 3D)`` output (``targets`` in ("q", "k", "v"), default ("q", "v")) gets its own
+pair ``A_t`` (r, D), Kaiming-uniform, and ``B_t`` (D, r), zero: ``out[t] = W_t x + (alpha / r) · B_t (A_t x)`` with
+``W`` frozen, so the adapted model equals the pretrained one at step 0. Shapes: x (B, N, D) -> (B, N, 3D). Same
+numbers as peft on transformers' split ``q_proj`` / ``v_proj`` (tests/test_lora.py); notebook 13 explains it all.
 
-    W' = W + ΔW,   ΔW = (alpha / r) · B A,   A: (r, d_in),  B: (d_out, r),  r << d
-
-so the layer computes ``W x + (alpha/r) · B (A x)``. ``W`` stays frozen; only ``A`` and ``B`` train,
-``r (d_in + d_out)`` numbers instead of ``d_in d_out``. ``A`` starts Kaiming-uniform and ``B`` at zero,
-so ``ΔW = 0`` and the adapted model is exactly the pretrained one at step 0. ``alpha/r`` keeps the size
-of the update roughly independent of ``r``: when ``r`` changes, ``alpha`` need not be re-tuned.
-After training, ``ΔW`` can be folded into ``W`` (:func:`merge_lora`): inference then costs exactly what
-the plain model costs, and :func:`unmerge_lora` takes it out again.
-
-Why q and v
------------
-The LoRA paper (Section 7.1, Table 5) adapted different subsets of the attention projections under the
-same parameter budget on GPT-3: ``W_q`` and ``W_v`` together (r=4) clearly beat any single matrix (r=8)
-and were on par with all four (q, k, v, o at r=2): spreading a small rank over several matrices pays
-more than a larger rank on one. It is the default of the paper and of most LoRA recipes for ViTs,
-and here too (``targets=("q", "v")``); any non-empty subset of ``("q", "k", "v")`` can be chosen.
-
-Slicing a fused qkv
--------------------
-DINOv3 computes q, k and v with one ``Linear(D, 3D)``: output rows ``[0:D]`` are q, ``[D:2D]`` k and
-``[2D:3D]`` v (``SelfAttention.forward`` reshapes to ``(B, N, 3, heads, D_head)``). peft's LoRA wraps a
-whole Linear, so on ``qkv`` it would adapt all three with one ``B`` of shape (3D, r). :class:`LoRAQKV`
-gives each target its own pair, ``A_t (r, D)`` and ``B_t (D, r)`` (peft's shapes for a separate
-``q_proj``/``v_proj``), and adds the update into that third of the output only::
-
-    out = base(x)                                    # (B, N, 3D), the bias mask of the k third applied
-    out[..., 0:D]   += (drop(x) @ A_q^T) @ B_q^T · alpha/r
-    out[..., 2D:3D] += (drop(x) @ A_v^T) @ B_v^T · alpha/r
-
-``ΔW`` (D x D) is never formed in the forward: the two thin matmuls cost ``2 r D`` per token instead of
-``D²``. This is exactly peft applied to transformers' split ``q_proj``/``v_proj`` (tests/test_lora.py
-checks it), and merging writes ``W[0:D] += B_q A_q · alpha/r``, ``W[2D:3D] += B_v A_v · alpha/r``,
-leaving the k rows (and the bias, mask included) untouched.
-
-Names and keys
---------------
-After :func:`apply_lora`, ``blk.attn.qkv`` is a :class:`LoRAQKV` whose ``base`` is the original Linear
-(``nn.Linear`` or ``LinearKMaskedBias``). So the state-dict keys of the frozen weights become
-``blocks.{i}.attn.qkv.base.{weight,bias,bias_mask}`` (like peft's ``base_layer``), next to
-``blocks.{i}.attn.qkv.lora_{A,B}_{q,k,v}``. The original names stay reachable:
-
-* attribute access falls through to the base: ``blk.attn.qkv.weight`` *is* ``blk.attn.qkv.base.weight``
-  (and ``.bias``, ``.bias_mask``, ``.in_features`` ...);
-* ``load_state_dict`` accepts the plain keys ``blocks.{i}.attn.qkv.{weight,bias,bias_mask}`` too, so a
-  backbone checkpoint loads into a LoRA model (``strict=False``: the LoRA tensors are then missing);
-* :func:`merged_state_dict` returns the plain-keyed backbone with ``ΔW`` folded in (loads strictly into
-  a plain ``DinoVisionTransformer``), and :func:`remove_lora` puts the plain Linear back.
-
-Only the LoRA tensors travel between runs: :func:`lora_state_dict` / :func:`load_lora`.
-
-Trainability: :func:`apply_lora` freezes *every* parameter of the model it is given and marks only the
-LoRA tensors trainable. A head built or attached *after* ``apply_lora`` is untouched and so stays
-trainable; one attached before is frozen with the rest (call ``head.requires_grad_(True)``).
-While merged, the forward skips the LoRA path, so do not train a merged model.
+Keys: the frozen Linear moves to ``blocks.{i}.attn.qkv.base.*``, next to ``blocks.{i}.attn.qkv.lora_{A,B}_{t}``;
+attribute access and ``load_state_dict`` still accept the plain ``qkv.{weight,bias,bias_mask}`` names.
+:func:`apply_lora` freezes every parameter of the model it is given (a head attached afterwards stays trainable);
+:func:`merge_lora` folds ``ΔW`` into ``W`` (do not train a merged model), :func:`unmerge_lora` takes it out again.
 """
 from __future__ import annotations
 
