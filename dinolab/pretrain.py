@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
     ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     ap.add_argument("--state", default=None, help="training-state file, written every --save-every steps and on "
-                                                  "SIGTERM / Ctrl-C (default: OUT with the suffix .state.pt)")
+                                                  "SIGTERM / Ctrl-C (default: runs/<OUT stem>.state.pt)")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--resume", default=None, help="a state file to continue from ('auto': --state if it exists)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this many steps in total")
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         if k in fields:
             fields[k] = tuple(fields[k])
     cfg = PretrainConfig(**fields)
-    state = args.state or str(Path(args.out).with_suffix(".state.pt"))
+    state = args.state or str(Path("runs") / (Path(args.out).stem + ".state.pt"))  # runs/ is git-ignored
     resume = args.resume
     if resume == "auto":
         resume = state if Path(state).exists() else None

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                       ("warmup_steps", int), ("log_every", int)):
         ap.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--state", default=None)
+    ap.add_argument("--state", default=None, help="training-state file (default: runs/<OUT stem>.state.pt)")
     ap.add_argument("--resume", default=None, help="a state file, or 'auto' (--state if it exists)")
     ap.add_argument("--stop-after", type=int, default=None)
     args = ap.parse_args(argv)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     cfg = SupervisedConfig(**{k: v for k, v in vars(args).items()
                               if k in SupervisedConfig.__dataclass_fields__ and v is not None})
-    state = args.state or str(Path(args.out).with_suffix(".state.pt"))
+    state = args.state or str(Path("runs") / (Path(args.out).stem + ".state.pt"))  # runs/ is git-ignored
     resume = state if args.resume == "auto" and Path(state).exists() else (
         None if args.resume == "auto" else args.resume)
     from .evaluate import ObjectKNN
