@@ -111,7 +111,7 @@ def to_numpy_image(img: Tensor):
 def draw_patch_grid(ax, img: Tensor, patch: int = 16, color: str = "white", lw: float = 0.5, title: str | None = None):
     """Show ``img`` with the patch grid drawn over it."""
     H, W = img.shape[-2:]
-    ax.imshow(to_numpy_image(img))
+    ax.imshow(to_numpy_image(img), interpolation="nearest")  # the pixels as they are (and a lighter PNG)
     for y in range(0, H + 1, patch):
         ax.axhline(y - 0.5, color=color, lw=lw)
     for x in range(0, W + 1, patch):

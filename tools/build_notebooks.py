@@ -160,15 +160,14 @@ def check() -> int:
 # Slides: one reveal.js deck per stored notebook, made from the stored outputs (nothing is re-executed).
 SLIDES = ROOT / "slides"
 SLIDE_W, SLIDE_H = 1280, 720  # a 16:9 projector; tools/check_slides.py checks that every slide fits
-# reveal.js, MathJax 2, require.js and jQuery come from npm into slides/node_modules (make slides), so a deck
-# works offline from file://; nbconvert's defaults would load them from CDNs.
+# reveal.js, MathJax 2, require.js and jQuery come from npm into slides/node_modules (make slides: SLIDES_NPM in the
+# Makefile), so a deck works offline from file://; nbconvert's defaults would load them from CDNs.
 VENDOR = {
     "reveal_url_prefix": "node_modules/reveal.js",
     "mathjax_url": "node_modules/mathjax/MathJax.js?config=TeX-AMS_CHTML-full,Safe",
     "require_js_url": "node_modules/requirejs/require.js",
     "jquery_url": "node_modules/jquery/dist/jquery.min.js",
 }
-NPM_PACKAGES = ["reveal.js@4.0.2", "mathjax@2.7.7", "requirejs@2.3.8", "jquery@2.2.4"]  # read by the Makefile
 
 # nbconvert's reveal template, minus what would need the network (mermaid, widget manager), plus a projector
 # style: larger text than the notebook, figures scaled to the slide, no prompts.
@@ -185,7 +184,7 @@ DECK_TEMPLATE = r"""{%- extends 'reveal/index.html.j2' -%}
 }
 .reveal { font-size: 22px; }
 .reveal .slides section { padding: 0 8px; box-sizing: border-box; }
-.reveal h1, .reveal h2, .reveal h3, .reveal h4 { text-transform: none; }
+.reveal .slides h1, .reveal .slides h2, .reveal .slides h3, .reveal .slides h4 { text-transform: none; }
 .reveal .jp-RenderedHTMLCommon h1 { font-size: 44px; margin: 0 0 18px 0; }
 .reveal .jp-RenderedHTMLCommon h2 { font-size: 36px; margin: 0 0 14px 0; }
 .reveal .jp-RenderedHTMLCommon h3 { font-size: 30px; margin: 0 0 12px 0; }
@@ -230,7 +229,7 @@ def build_slides(prefixes: list[str]) -> int:
     missing = [v.split("?")[0] for v in VENDOR.values() if not (SLIDES / v.split("?")[0]).exists()]
     if missing:
         print("slides/node_modules is incomplete (missing " + ", ".join(missing) + "): run `make slides`, which "
-              "installs " + " ".join(NPM_PACKAGES) + " with npm")
+              "installs reveal.js, MathJax, require.js and jQuery there with npm")
         return 1
     exporter = deck_exporter()
     notebooks = sorted(OUT.glob("[0-9][0-9]_*.ipynb"))

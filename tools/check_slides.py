@@ -23,6 +23,19 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run", "--disable-sync"]
 TOLERANCE = 2  # px: rounding of layout sizes
+TIMEOUT_MS = 180_000  # per step; generous, so that a busy machine does not fail the check
+# Wait until the slide on screen is final: MathJax 2 typesets in a queue (and nbconvert's deck re-typesets each
+# slide when it is shown), and text in a web font stays invisible until the font has loaded.
+SETTLE = """() => new Promise(resolve => {
+  const frames = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r())));
+  const mathjax = () => (window.MathJax && MathJax.Hub)  // (queueing from inside the hook would never run)
+    ? new Promise(r => MathJax.Hub.Register.StartupHook('End', () => r()))
+        .then(() => new Promise(r => MathJax.Hub.Queue(() => r())))
+    : Promise.resolve();
+  const settled = mathjax().then(frames).then(() => document.fonts.ready).then(frames)
+    .then(() => document.fonts.ready).then(frames);
+  Promise.race([settled, new Promise(r => setTimeout(() => r(), %d))]).then(() => resolve());
+})""" % TIMEOUT_MS
 
 # Runs in the page for the slide on screen: sizes in the slide's own coordinates (before reveal's scaling).
 MEASURE = """() => {
@@ -36,7 +49,7 @@ MEASURE = """() => {
     const clipsX = ['auto', 'scroll', 'hidden'].includes(st.overflowX);
     const clipsY = ['auto', 'scroll', 'hidden'].includes(st.overflowY);
     if ((clipsX && el.scrollWidth > el.clientWidth + tol) || (clipsY && el.scrollHeight > el.clientHeight + tol)) {
-      if (el.clientWidth > 0 && el.clientHeight > 0)
+      if (el.clientWidth > 4 && el.clientHeight > 4)  // not screen-reader-only boxes (MathJax's assistive MathML)
         out.boxes.push(el.tagName.toLowerCase() + '.' + (el.className || '').toString().split(' ')[0] +
                        ' ' + el.scrollWidth + 'x' + el.scrollHeight + ' in ' + el.clientWidth + 'x' + el.clientHeight);
     }
@@ -48,9 +61,11 @@ MEASURE = """() => {
 }""" % TOLERANCE
 
 
-def check_deck(browser, deck: Path, shots: Path, all_shots: bool, shot_index: int | None) -> list[str]:
+def check_deck(browser, deck: Path, shots: Path, all_shots: bool, shot_index: int | None,
+               verbose: bool = False) -> list[str]:
     problems: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.set_default_timeout(TIMEOUT_MS)
     page.on("pageerror", lambda e: problems.append(f"JavaScript error: {e}"))
     page.on("console", lambda m: problems.append(f"console error: {m.text}") if m.type == "error" else None)
     page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url[:100]} ({r.failure})"))
@@ -61,23 +76,28 @@ def check_deck(browser, deck: Path, shots: Path, all_shots: bool, shot_index: in
 
     page.route("http://**/*", no_network)
     page.route("https://**/*", no_network)
-    page.goto(deck.as_uri())
+    page.goto(deck.as_uri(), wait_until="load")
     # nbconvert loads reveal.js with require.js (an AMD module, no global): fetch the same instance
-    page.wait_for_function("() => document.querySelector('.reveal.ready') !== null", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('.reveal.ready') !== null")
     page.evaluate("""() => new Promise(resolve => {
         const src = [...document.scripts].map(s => s.textContent).find(t => t.includes('/dist/reveal.js'));
         const url = src.match(/"([^"]*\\/dist\\/reveal\\.js)"/)[1];
         require([url], R => { window.Reveal = R; resolve(); });
     })""")
-    page.wait_for_function("() => !window.MathJax || !MathJax.Hub || (MathJax.Hub.queue.pending === 0 "
-                           "&& MathJax.Hub.queue.running === 0)", timeout=60_000)
+    page.evaluate(SETTLE)
     indices = page.evaluate("() => Reveal.getSlides().map(s => Reveal.getIndices(s))")
+
+    def show(ix):  # go to a slide and wait until MathJax has (re)typeset it and its fonts are in
+        page.evaluate(f"() => Reveal.slide({ix['h']}, {ix.get('v') or 0})")
+        page.evaluate(SETTLE)
+
     first_figure = None
     for i, ix in enumerate(indices):
-        page.evaluate(f"() => Reveal.slide({ix['h']}, {ix.get('v') or 0})")
-        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        show(ix)
         m = page.evaluate(MEASURE)
-        where = f"slide {i + 1}/{len(indices)} ({m['title'].strip()[:50] or 'no title'})"
+        where = f"slide {i + 1}/{len(indices)} ({m['title'].strip().rstrip('¶')[:50] or 'no title'})"
+        if verbose:
+            print(f"  {where}: {m['w']} x {m['h']}", flush=True)
         if m["h"] > m["H"] + TOLERANCE:
             problems.append(f"{where}: content is {m['h']} px tall, the slide {m['H']}")
         if m["w"] > m["W"] + TOLERANCE:
@@ -93,9 +113,7 @@ def check_deck(browser, deck: Path, shots: Path, all_shots: bool, shot_index: in
             page.screenshot(path=str(shots / f"{deck.name.split('.')[0]}_{i + 1:02d}.png"))
     pick = shot_index if shot_index is not None else (first_figure if first_figure is not None else 0)
     pick = min(pick, len(indices) - 1)
-    ix = indices[pick]
-    page.evaluate(f"() => Reveal.slide({ix['h']}, {ix.get('v') or 0})")
-    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    show(indices[pick])
     page.screenshot(path=str(shots / f"{deck.name.split('.')[0]}.png"))
     print(f"{deck.name}: {len(indices)} slides, screenshot of slide {pick + 1}, "
           f"{'OK' if not problems else f'{len(problems)} problem(s)'}")
@@ -107,6 +125,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("decks", nargs="*", type=Path, help="default: slides/NN_*.slides.html")
     ap.add_argument("--all-shots", action="store_true", help="also save one screenshot per slide")
+    ap.add_argument("--verbose", action="store_true", help="print the size of every slide")
     ap.add_argument("--shot", type=int, default=None, help="slide (1-based) of the per-deck screenshot; "
                     "default: the first slide with a figure")
     args = ap.parse_args(argv)
@@ -127,7 +146,7 @@ def main(argv: list[str]) -> int:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         for deck in decks:
             problems = check_deck(browser, deck.resolve(), shots, args.all_shots,
-                                  None if args.shot is None else args.shot - 1)
+                                  None if args.shot is None else args.shot - 1, args.verbose)
             for p in problems:
                 print(f"  {p}")
             failed += bool(problems)
