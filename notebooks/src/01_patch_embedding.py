@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 01 · Patch embedding: images to tokens
 #
 # A Vision Transformer does not read pixels; it reads **tokens**. DINOv3 makes them the way every ViT
@@ -12,14 +12,14 @@
 #
 # **Run time:** about 10 s on 2 CPU cores. Nothing is downloaded (the photo ships with matplotlib).
 
-# %%
+# %% skip
 from IPython.display import Markdown
 
 from dinolab import viz
 
 Markdown(viz.series_map("01"))
 
-# %%
+# %% skip
 import math
 
 import matplotlib.pyplot as plt
@@ -37,12 +37,12 @@ DEVICE = utils.get_device()  # CUDA when present; the stored outputs come from t
 # keep convolutions and matmuls in full fp32 on a GPU too, so the equality checks below hold there as well
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-plt.rcParams.update({"figure.dpi": 70, "font.size": 9})
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 
 P = 16  # patch size of every DINOv3 ViT (DINOv2: 14)
 print("device:", DEVICE.type)
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. Build it from primitives
 #
 # Start from the photo at 224×224 (the `img_size` of every released model's config), normalised with the ImageNet
@@ -56,7 +56,7 @@ h, w = H // P, W // P  # the token grid
 print(f"image x            {tuple(x.shape)}   (B, C, H, W)")
 print(f"token grid         h x w = {h} x {w} = {h * w} patches of {C}x{P}x{P} = {C * P * P} numbers each")
 
-# %% [markdown]
+# %% [markdown] slide
 # ### 1a. Cut into patches with `unfold`
 # `F.unfold` slides a `kernel_size` window with step `stride` and writes every window as one column.
 # With kernel = stride = 16 the windows do not overlap and tile the image exactly. Each column lists the
@@ -69,12 +69,12 @@ print(f"unfold             {tuple(cols.shape)}   (B, C*P*P, h*w)")
 patches_unfold = cols.transpose(1, 2)  # (B, h*w, C*P*P): one row per patch
 print(f"transpose(1, 2)    {tuple(patches_unfold.shape)}   (B, h*w, C*P*P)")
 
-# %% [markdown]
+# %% [markdown] skip
 # ### 1b. The same with `reshape` and `permute`
 # No sliding window is needed when the patches do not overlap: split each spatial axis into
 # (grid index, position inside the patch), then move the two grid axes to the front.
 
-# %%
+# %% skip
 t = x.reshape(B, C, h, P, w, P)
 print(f"reshape            {tuple(t.shape)}   (B, C, h, P, w, P)")
 t = t.permute(0, 2, 4, 1, 3, 5)
@@ -84,7 +84,7 @@ print(f"reshape            {tuple(patches.shape)}   (B, h*w, C*P*P)")
 torch.testing.assert_close(patches, patches_unfold, rtol=0, atol=0)  # bit-identical: only copies
 print("reshape/permute == unfold, exactly")
 
-# %% [markdown]
+# %% [markdown] slide
 # ### 1c. Multiply by one matrix
 # Every patch vector goes through the **same** linear map `W` of shape `(D, 768)` plus a bias `b` of shape
 # `(D,)`. Here `D = 384`, the width of ViT-S/16. The result is one `D`-dimensional token per patch.
@@ -97,7 +97,7 @@ tokens = patches @ Wmat.T + bias  # (B, h*w, C*P*P) @ (C*P*P, D) -> (B, h*w, D)
 print(f"W                  {tuple(Wmat.shape)}   (D, C*P*P)")
 print(f"patches @ W.T + b  {tuple(tokens.shape)}   (B, h*w, D)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. Check it: a strided `Conv2d` is unfold + matmul
 #
 # A `Conv2d` with `kernel_size = stride = 16` computes, at each output position, the dot product of its
@@ -109,7 +109,7 @@ print(f"patches @ W.T + b  {tuple(tokens.shape)}   (B, h*w, D)")
 # We copy our `W` and `b` into `dinolab.patch_embed.PatchEmbed` (same parameter names as the official
 # one: `proj.weight`, `proj.bias`) and compare.
 
-# %%
+# %% hide-input
 pe = PatchEmbed(img_size=224, patch_size=P, in_chans=C, embed_dim=D).to(DEVICE)
 with torch.no_grad():
     pe.proj.weight.copy_(Wmat.reshape(D, C, P, P))  # row d of W = kernel d, in (c, i, j) order
@@ -125,14 +125,14 @@ print(f"PatchEmbed(x)      {tuple(out.shape)}   (B, h*w, D)   flatten_embedding=
 torch.testing.assert_close(out, tokens, rtol=1e-4, atol=1e-4)
 print("PatchEmbed(x) == patches @ W.T + b   (assert_close passed)")
 
-# %% [markdown]
+# %% [markdown] slide
 # **The layout the ViT uses.** The official `DinoVisionTransformer` builds its `PatchEmbed` with
 # `flatten_embedding=False`, so the patch embedding returns a **grid** `(B, h, w, D)`;
 # `prepare_tokens_with_masks` (in `dinov3/models/vision_transformer.py`) then calls `x.flatten(1, 2)`.
 # Flattening `(h, w)` is row-major, `h` outer: token `n` is the patch at row `n // w`, column `n % w`,
 # the same order as `unfold`. RoPE (notebook 02) relies on this order to give each token its (row, column).
 
-# %%
+# %% hide-input
 pe_grid = PatchEmbed(img_size=224, patch_size=P, embed_dim=D, flatten_embedding=False).to(DEVICE)
 pe_grid.load_state_dict(pe.state_dict())
 with torch.no_grad():
@@ -146,25 +146,24 @@ n = r * w + c
 torch.testing.assert_close(seq[0, n], grid[0, r, c], rtol=0, atol=0)
 print(f"token {n} = grid cell (row {r}, col {c}) = (n // w, n % w)")
 
-# %% [markdown]
-# The ViT puts 1 `[CLS]` token and 4 storage (register) tokens in front of the patches, so at 224×224 the
-# sequence the transformer blocks see is longer than 196. The meta device gives the shape without
-# computing anything (and with no memory for the weights):
+# %% [markdown] skip
+# The ViT then puts a `[CLS]` token and 4 storage tokens in front of the patches (the whole token layout is
+# drawn in [notebook 00](00_dino_v1_v2_v3.ipynb), section 3); on the meta device, shapes only:
 
-# %%
+# %% skip
 vits = hub.dinov3_vits16(device="meta")
 seq_meta, (hh, ww) = vits.prepare_tokens_with_masks(torch.empty(1, 3, 224, 224, device="meta"))
 print(f"ViT-S/16 tokens    {tuple(seq_meta.shape)}   = 1 cls + {vits.n_storage_tokens} storage + {hh}x{ww} patches")
 assert seq_meta.shape[1] == 1 + 4 + 196
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. Look at it: token grids over a real photo
 #
 # Every cell of the grid becomes one token. At 224×224 that is 14×14 = 196 tokens. DINOv3 has no learned
 # absolute position table, only RoPE, so any size whose sides are multiples of 16 works, square or not:
 # a 288×240 (H×W) image gives an 18×15 grid. The small numbers are token indices (row-major).
 
-# %%
+# %% slide hide-input
 img_rect = viz.load_photo((288, 240))  # (H, W): the photo's own aspect ratio is about 1.17
 print(f"square  {tuple(img.shape)} -> grid {img.shape[1] // P}x{img.shape[2] // P} = {(img.shape[1] // P) * (img.shape[2] // P)} tokens")
 print(f"portrait {tuple(img_rect.shape)} -> grid {img_rect.shape[1] // P}x{img_rect.shape[2] // P} = {(img_rect.shape[1] // P) * (img_rect.shape[2] // P)} tokens")
@@ -172,12 +171,12 @@ print(f"portrait {tuple(img_rect.shape)} -> grid {img_rect.shape[1] // P}x{img_r
 
 def annotate_indices(ax, gh, gw, cells):
     for rr, cc in cells:
-        ax.text(cc * P + P / 2, rr * P + P / 2, str(rr * gw + cc), color="yellow", fontsize=7,
+        ax.text(cc * P + P / 2, rr * P + P / 2, str(rr * gw + cc), color="yellow", fontsize=10,
                 ha="center", va="center", fontweight="bold",
                 bbox=dict(boxstyle="square,pad=0.1", fc="black", ec="none", alpha=0.6))
 
 
-fig, axes = plt.subplots(1, 2, figsize=(6, 3.3), gridspec_kw={"width_ratios": [224, 240 * 224 / 288]})
+fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), gridspec_kw={"width_ratios": [224, 240 * 224 / 288]})
 viz.draw_patch_grid(axes[0], img, title="224 x 224 -> 14 x 14 = 196 tokens")
 annotate_indices(axes[0], 14, 14, [(0, 0), (0, 1), (0, 13), (1, 0), (7, 7), (13, 13)])
 viz.draw_patch_grid(axes[1], img_rect, title="288 x 240 -> 18 x 15 = 270 tokens")
@@ -185,14 +184,14 @@ annotate_indices(axes[1], 18, 15, [(0, 0), (0, 14), (1, 0), (17, 14)])
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ### What one token starts from: 768 numbers
 # The model never sees "a patch"; it sees a vector. Below, four patches of the 224 photo and the 768
 # numbers each one becomes (normalised pixels, in the `(c, i, j)` order of `unfold` and of the conv
 # kernel: the 256 red values row by row, then the 256 green, then the 256 blue). Flat sky is three flat
 # bands; the star and the ribbons oscillate with a period of 16 (one patch row).
 
-# %%
+# %% slide hide-input
 chosen = {"star (3,1)": (3, 1), "glasses (4,6)": (4, 6), "sky (2,12)": (2, 12), "ribbons (12,10)": (12, 10)}
 patches_raw = F.unfold(img.unsqueeze(0), P, stride=P)[0].T  # (196, 768) raw pixels in [0, 1]
 patches_norm = patches[0].cpu()  # (196, 768) normalised, what the matmul gets
@@ -200,7 +199,7 @@ lo = min((0 - m) / sd for m, sd in zip(viz.IMAGENET_MEAN, viz.IMAGENET_STD))
 hi = max((1 - m) / sd for m, sd in zip(viz.IMAGENET_MEAN, viz.IMAGENET_STD))
 print(f"one patch: {tuple(patches_norm[0].shape)} numbers; raw in [0, 1], normalised in [{lo:.2f}, {hi:.2f}]")
 
-fig = plt.figure(figsize=(9, 3.8))
+fig = plt.figure(figsize=(12.8, 5.4))
 gs = fig.add_gridspec(2, 5, width_ratios=[1.3, 1, 1, 1, 1], height_ratios=[1, 1])
 ax = fig.add_subplot(gs[:, 0])
 viz.draw_patch_grid(ax, img, lw=0.3, title="where the patches are")
@@ -211,7 +210,7 @@ for k, ((name, (rr, cc)), col) in enumerate(zip(chosen.items(), colors)):
     idx = rr * 14 + cc
     a = fig.add_subplot(gs[0, k + 1])
     a.imshow(viz.to_numpy_image(patches_raw[idx].reshape(3, P, P)), interpolation="nearest")
-    a.set_title(f"{name}\ntoken {idx}", fontsize=8, color=col)
+    a.set_title(f"{name}\ntoken {idx}", fontsize=12, color=col)
     a.set_xticks([])
     a.set_yticks([])
     a = fig.add_subplot(gs[1, k + 1])
@@ -220,14 +219,14 @@ for k, ((name, (rr, cc)), col) in enumerate(zip(chosen.items(), colors)):
         a.plot(np.arange(ch * 256, (ch + 1) * 256), v[ch * 256:(ch + 1) * 256], color=chc, lw=0.6)
     a.set_ylim(-2.3, 2.8)
     a.set_xticks([0, 256, 512, 768])
-    a.tick_params(labelsize=7)
-    a.set_xlabel("index in the 768-vector", fontsize=7)
+    a.tick_params(labelsize=10)
+    a.set_xlabel("index in the 768-vector", fontsize=11)
     if k == 0:
-        a.set_ylabel("normalised value", fontsize=7)
+        a.set_ylabel("normalised value", fontsize=11)
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. Sizes that are not multiples of 16
 #
 # What if `H` or `W` is not a multiple of 16? A stride-16 conv without padding produces
@@ -237,7 +236,7 @@ plt.show()
 # **Our choice:** `dinolab`'s `PatchEmbed` raises a clear error by default; `strict_img_size=False` gives the
 # official behaviour.
 
-# %%
+# %% hide-input
 img_odd = viz.load_photo((250, 220))  # 250 = 15*16 + 10, 220 = 13*16 + 12
 x_odd = viz.normalize(img_odd).unsqueeze(0).to(DEVICE)
 print(f"image              {tuple(x_odd.shape)}")
@@ -246,7 +245,7 @@ try:
 except ValueError as e:
     print(f"{type(e).__name__}: {e}")
 
-# %%
+# %% skip
 pe_official = PatchEmbed(patch_size=P, embed_dim=D, strict_img_size=False).to(DEVICE)  # the official behaviour
 pe_official.load_state_dict(pe.state_dict())
 with torch.no_grad():
@@ -262,7 +261,7 @@ print(f"identical to cropping the top-left {Hc}x{Wc} by hand: the bottom rows an
 # Which pixels are dropped? Ask the model rather than the formula: a pixel that influences no token has a
 # gradient of exactly zero. Shade those pixels and count them.
 
-# %%
+# %% slide hide-input
 x_req = x_odd.clone().requires_grad_(True)
 pe_official(x_req).sum().backward()
 used = x_req.grad[0].abs().sum(0) > 0  # (H, W): True where some token depends on the pixel
@@ -273,7 +272,7 @@ print(f"formula: H*W - floor(H/16)*16 * floor(W/16)*16 = {250 * 220} - {Hc}*{Wc}
 assert n_dropped == 250 * 220 - Hc * Wc
 assert not used[Hc:, :].any() and not used[:, Wc:].any() and used[:Hc, :Wc].all()
 
-fig, ax = plt.subplots(figsize=(3.1, 3.4))
+fig, ax = plt.subplots(figsize=(6, 5.2))
 viz.draw_patch_grid(ax, img_odd, lw=0.3, title=f"250 x 220: {n_dropped} pixels never seen (red)")
 shade = np.zeros((*used.shape, 4))
 shade[~used.cpu().numpy()] = (1.0, 0.0, 0.0, 0.6)
@@ -281,11 +280,11 @@ ax.imshow(shade, interpolation="nearest")
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # Up to 15 rows and 15 columns can disappear, always at the bottom and the right. For a 224 model that is
 # at most ~13 % of the pixels. Resize (or pad) to a multiple of 16 yourself so that you choose what is lost.
 
-# %% [markdown]
+# %% [markdown] skip
 # ## 5. Normalisation
 #
 # The pixels are normalised per channel before the patch embedding, `(x - mean) / std`, in the data
@@ -300,7 +299,7 @@ plt.show()
 #
 # Per-channel statistics of our photo before and after:
 
-# %%
+# %% skip
 STATS = {"LVD-1689M": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
          "SAT-493M": ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143))}
 versions = {"raw [0, 1]": img}
@@ -310,18 +309,18 @@ for name, v in versions.items():
     m, s = v.mean(dim=(1, 2)), v.std(dim=(1, 2))
     print(f"{name:16s}" + "".join(f"{m[i]:10.3f}{s[i]:9.3f}" for i in range(3)))
 
-# %%
-fig, axes = plt.subplots(1, 3, figsize=(9.5, 2.4), sharey=True)
+# %% skip
+fig, axes = plt.subplots(1, 3, figsize=(12.8, 3.8), sharey=True)
 for a, (name, v) in zip(axes, versions.items()):
     for ch, col in enumerate(["red", "green", "blue"]):
         a.hist(v[ch].flatten().numpy(), bins=60, histtype="step", color=col, density=True)
-    a.set_title(name, fontsize=9)
+    a.set_title(name)
     a.axvline(0, color="k", lw=0.5)
 axes[0].set_ylabel("density")
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # Normalisation roughly centres each channel and scales it to unit spread, so that the initial weights
 # (section 7) see inputs of a known size. It is a per-channel affine map, and the patch embedding is affine
 # too, so the two compose into one: a model with normalisation **folded into** its patch embedding takes
@@ -329,7 +328,7 @@ plt.show()
 #
 # `W' = W / std` (per input channel), `b' = b - sum over (c, i, j) of W * mean / std`.
 
-# %%
+# %% skip
 mean_t = torch.tensor(STATS["LVD-1689M"][0], device=DEVICE).view(1, C, 1, 1)
 std_t = torch.tensor(STATS["LVD-1689M"][1], device=DEVICE).view(1, C, 1, 1)
 pe_fold = PatchEmbed(patch_size=P, embed_dim=D).to(DEVICE)
@@ -340,13 +339,14 @@ with torch.no_grad():
 torch.testing.assert_close(tokens_fold, out, rtol=1e-4, atol=1e-4)
 print("PatchEmbed(normalize(img)) == folded PatchEmbed(img)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 6. How many parameters? Every released configuration
 #
 # The patch embedding is one `(D, 3, 16, 16)` kernel plus a `(D,)` bias: `3·16·16·D + D` parameters. We
-# build each released model on the meta device (no memory) and count.
+# build each released model on the meta device (no memory) and count; the whole models' parameter counts and
+# FLOPs are in [notebook 00](00_dino_v1_v2_v3.ipynb).
 
-# %%
+# %% hide-input
 rows = []
 for name in hub.RELEASED:
     m = hub.build(name, device="meta")
@@ -354,13 +354,13 @@ for name in hub.RELEASED:
     n_pe = utils.count_params(m.patch_embed)
     assert n_pe == 3 * 16 * 16 * Dm + Dm
     rows.append((name, Dm, n_pe, utils.count_params(m)))
-table = ["| model | D | patch embed 3·16·16·D + D | whole model | share | MACs at 224 (196·768·D) |",
-         "|---|---:|---:|---:|---:|---:|"]
+table = ["| model | D | patch embed 3·16·16·D + D | share of the model | MACs at 224 (196·768·D) |",
+         "|---|---:|---:|---:|---:|"]
 for name, Dm, n_pe, n_all in rows:
-    table.append(f"| `{name}` | {Dm} | {n_pe:,} | {n_all:,} | {100 * n_pe / n_all:.2f} % | {196 * 768 * Dm / 1e6:.1f} M |")
+    table.append(f"| `{name}` | {Dm} | {n_pe:,} | {100 * n_pe / n_all:.2f} % | {196 * 768 * Dm / 1e6:.1f} M |")
 Markdown("\n".join(table))
 
-# %%
+# %% skip
 shares = {name: n_pe / n_all for name, _, n_pe, n_all in rows}
 assert max(shares.values()) < 0.015 and min(shares.values()) < 0.0005 and rows[-1][2] == 3_149_824
 print(f"largest share {100 * max(shares.values()):.2f} % ({max(shares, key=shares.get)}), "
@@ -368,11 +368,11 @@ print(f"largest share {100 * max(shares.values()):.2f} % ({max(shares, key=share
 
 # %% [markdown]
 # The patch embedding is about 1 % of a small model and under 0.05 % of the 7B one: a negligible share of
-# the parameters, yet every bit of information the transformer gets passes through it. (The official
+# the parameters, yet every bit of information the transformer gets passes through it. The official
 # ViT-7B pretraining config, `dinov3/configs/train/dinov3_vit7b16_pretrain.yaml`, gives it a reduced learning
 # rate (a patch-embedding learning-rate multiplier of 0.2).
 
-# %% [markdown]
+# %% [markdown] skip
 # ## 7. The official initialisation
 #
 # `PatchEmbed.reset_parameters` in `dinov3/layers/patch_embed.py` draws weight and bias from
@@ -380,7 +380,7 @@ print(f"largest share {100 * max(shares.values()):.2f} % ({max(shares, key=share
 # embedding. (This happens to be exactly PyTorch's default `Conv2d` init: `kaiming_uniform_(a=sqrt(5))`
 # gives the same bound `1/sqrt(fan_in)`; with the same seed the two are bit-identical.)
 
-# %%
+# %% skip
 utils.seed_everything(0)
 pe_init = PatchEmbed(patch_size=P, embed_dim=384)
 torch.manual_seed(1)
@@ -397,7 +397,7 @@ conv_default = torch.nn.Conv2d(3, 384, P, P)
 torch.testing.assert_close(conv_default.weight, pe_init.proj.weight, rtol=0, atol=0)
 print("identical to nn.Conv2d's default init with the same seed")
 
-# %% [markdown]
+# %% [markdown] skip
 # What size are the tokens at init? For a fixed input patch `x` and i.i.d. weights with variance
 # `σ² = bound²/3 = 1/(3·768)`, each token coordinate has variance `σ²·‖x‖² + σ²` (weights and bias), i.e.
 # `mean(x²)/3 + 1/2304`, whatever the patch size: that is what the `1/fan_in` scaling is for. Over a dataset
@@ -405,7 +405,7 @@ print("identical to nn.Conv2d's default init with the same seed")
 # `sqrt(1/3) ≈ 0.58`. Our single photo is darker than average (negative means, std above 1 after
 # normalisation, section 5), so its `mean(x²)` is larger.
 
-# %%
+# %% skip
 with torch.no_grad():
     tok0 = pe_init(x.cpu())[0]  # (196, 384)
 msq = patches[0].cpu().pow(2).mean().item()
@@ -415,14 +415,14 @@ print(f"mean(x²) of the normalised photo {msq:.3f}")
 print(f"predicted E[token²] {pred:.3f}   measured {meas:.3f}   (token std {math.sqrt(meas):.3f})")
 assert abs(meas / pred - 1) < 0.15
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 8. Run it: what a linear map of 16×16 patches can see
 #
 # The patch embedding is linear, so it can only keep (or drop) **directions** in the 768-dimensional patch
 # space. Which directions carry the image? Take many 16×16 patches of the photo (stride 4, so they
 # overlap), run a PCA, and draw the principal directions as 16×16 RGB images.
 
-# %%
+# %% hide-input
 pix = F.unfold(img.unsqueeze(0), P, stride=4)[0].T  # (N, 768) raw pixels
 print(f"patches for the PCA  {tuple(pix.shape)}   (N, C*P*P)")
 mean_patch = pix.mean(0)
@@ -452,40 +452,40 @@ psnrs = {k: psnr(recon(k).clamp(0, 1), img) for k in ks}
 print("PSNR of the photo rebuilt from the top-k directions:", ", ".join(f"k={k}: {v:.1f} dB" for k, v in psnrs.items()))
 assert psnrs[64] > psnrs[16] > psnrs[4] > psnrs[1]
 
-# %%
-fig = plt.figure(figsize=(9.5, 3.8))
+# %% slide hide-input
+fig = plt.figure(figsize=(12.8, 5.6))
 gs = fig.add_gridspec(2, 8)
 for i in range(8):
     a = fig.add_subplot(gs[0, i])
     comp = Vh[i].reshape(3, P, P)
     a.imshow(viz.to_numpy_image(0.5 + 0.5 * comp / comp.abs().max()), interpolation="nearest")
-    a.set_title(f"PC {i + 1}: {100 * var[i]:.1f} %", fontsize=8)
+    a.set_title(f"PC {i + 1}: {100 * var[i]:.1f} %", fontsize=11)
     a.set_xticks([])
     a.set_yticks([])
 a = fig.add_subplot(gs[1, :3])
 a.semilogx(np.arange(1, 769), cum.numpy(), color="k")
 for kk, ls in [(k90, ":"), (k99, "--")]:
     a.axvline(kk, color="tab:red", ls=ls, lw=0.8)
-a.axvline(384, color="tab:blue", lw=0.8)
-a.text(384, 0.5, " ViT-S D=384", color="tab:blue", fontsize=7, rotation=90, va="center", ha="right")
+a.axvline(384, color=viz.COLORS[0], lw=1.2)
+a.text(384, 0.75, "ViT-S D=384 ", color=viz.COLORS[0], fontsize=11, rotation=90, va="center", ha="right")
 a.set_xlabel("number of directions k")
 a.set_ylabel("variance kept")
-a.set_title(f"90 % at k={k90}, 99 % at k={k99}", fontsize=8)
+a.set_title(f"90 % at k={k90}, 99 % at k={k99}", fontsize=12)
 for j, k in enumerate(ks):
     a = fig.add_subplot(gs[1, 3 + j])
     a.imshow(viz.to_numpy_image(recon(k)))
-    a.set_title(f"top {k}: {psnrs[k]:.1f} dB", fontsize=8)
+    a.set_title(f"top {k}: {psnrs[k]:.1f} dB", fontsize=11)
     a.set_xticks([])
     a.set_yticks([])
 a = fig.add_subplot(gs[1, 7])
 a.imshow(viz.to_numpy_image(img))
-a.set_title("original", fontsize=8)
+a.set_title("original", fontsize=11)
 a.set_xticks([])
 a.set_yticks([])
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # The first directions are smooth: overall brightness, a colour contrast (blue sky and flag against skin and
 # gold), then top/bottom and left/right gradients, then finer stripes, much like the low frequencies of a 2-D
 # cosine basis (the sign of a direction is arbitrary). A handful of them hold
@@ -499,7 +499,7 @@ plt.show()
 #   image by 16 pixels only renumbers the tokens, while moving it by 8 changes every token. Below, each token
 #   of the shifted image is compared with the best-matching of the two old tokens it overlaps:
 
-# %%
+# %% skip
 wide = viz.normalize(viz.load_photo((224, 256))).unsqueeze(0)  # wider, so we can slide a 224 window
 with torch.no_grad():
     ref = pe_init(wide[..., 0:224]).reshape(14, 14, -1)  # old tokens, (h, w, D)
@@ -515,7 +515,7 @@ with torch.no_grad():
 assert renum < 1e-5 and best[0] > 0.999 and best[16] > 0.999 and best[8] < min(best[4], best[12])
 print("shift 16 px: new token (r, c) == old token (r, c + 1) for all 14 x 13 shared cells")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 9. Summary
 #
 # The shape table of the component (`dinolab.trace`), as the ViT uses it (`flatten_embedding=False`),
@@ -524,10 +524,10 @@ print("shift 16 px: new token (r, c) == old token (r, c + 1) for all 14 x 13 sha
 # %%
 trace(PatchEmbed(embed_dim=384, flatten_embedding=False), torch.empty(1, 3, 224, 224))
 
-# %%
+# %% skip
 trace(hub.dinov3_vitl16(device="meta").patch_embed, torch.empty(4, 3, 512, 512, device="meta"))
 
-# %% [markdown]
+# %% [markdown] slide
 # **What to remember**
 #
 # * Patch embedding = cut into non-overlapping 16×16 patches, flatten each to `3·16·16 = 768` numbers in
@@ -544,7 +544,8 @@ trace(hub.dinov3_vitl16(device="meta").patch_embed, torch.empty(4, 3, 512, 512, 
 #   the same as PyTorch's default conv init; tokens start with std ≈ 0.58.
 # * Linear means: it chooses directions in patch space (the smooth, low-frequency ones carry most of the
 #   variance); anything nonlinear or across patch borders is the transformer's job.
-#
+
+# %% [markdown] skip
 # **Exercises**
 #
 # 1. DINOv2 uses patch size 14. Redo section 1 with `P = 14`: how many tokens at 224? At 518 (DINOv2's

@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 02 · Rotary position embedding: from 1-D RoPE to DINOv3's 2-D axial RoPE
 #
 # Attention compares tokens by their content only, so a ViT must be told where each patch is.
@@ -14,14 +14,14 @@
 #
 # **Run time:** about 15 s on 2 CPU cores. No weights, no downloads.
 
-# %%
+# %% skip
 from IPython.display import Markdown
 
 from dinolab import viz
 
 Markdown(viz.series_map("02"))
 
-# %%
+# %% skip
 import math
 
 import matplotlib.pyplot as plt
@@ -36,7 +36,7 @@ from dinolab.utils import get_device, seed_everything
 
 DEVICE = get_device()  # CUDA if present; RoPE is tiny, so the stored outputs come from the CPU
 seed_everything(0)
-plt.rcParams.update({"figure.dpi": 80, "font.size": 9})
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 f64 = torch.float64  # identity checks in float64, so that "equal" means equal to ~1e-12
 SHAPES = []  # (step, shape) rows collected while we build; printed in the summary
 
@@ -47,7 +47,7 @@ def show(name, t):
     print(f"{name:<42} {tuple(t.shape)}")
 
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 0. Why attention needs positions
 #
 # Self-attention is *permutation-equivariant*: shuffle the input tokens and the outputs come out
@@ -61,7 +61,7 @@ out_of_shuffled = F.scaled_dot_product_attention(x[:, perm], x[:, perm], x[:, pe
 torch.testing.assert_close(out_of_shuffled, out[:, perm])
 print("attention(shuffled tokens) == shuffled attention(tokens): positions are invisible")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. 1-D RoPE from scratch
 #
 # Split a head vector of D dims into D/2 pairs. At position $m$, turn pair $k$ by the angle
@@ -72,10 +72,11 @@ print("attention(shuffled tokens) == shuffled attention(tokens): positions are i
 #
 # the attention logit between a query at $m$ and a key at $n$ depends on their contents and on the
 # offset $n-m$ only. That is the whole idea (Su et al., RoFormer, 2021). We use RoFormer's pairs
-# of neighbouring dims $(2k, 2k+1)$ first, and RoFormer's geometric periods with base 100
-# (RoFormer writes the angle as $m\cdot b^{-2k/D}$, i.e. $P_k = 2\pi\, b^{2k/D}$).
+# of neighbouring dims $(2k, 2k+1)$ first, and RoFormer's geometric periods $P_k = 2\pi\, b^{2k/D}$ (it writes
+# the angle as $m\cdot b^{-2k/D}$). RoFormer's base is $b = 10{,}000$; we use $b = 100$ here, the value
+# DINOv3 chose for its 2-D RoPE (section 2), so that the two halves of this notebook use the same periods.
 
-# %%
+# %% hide-input
 def rotate_pairs(x, angles):
     """x (..., N, D) seen as pairs (0,1), (2,3), ...; angles (N, D/2). Turn pair k of token n by angles[n, k]."""
     x0, x1 = x[..., 0::2], x[..., 1::2]  # (..., N, D/2) each
@@ -98,11 +99,11 @@ show("1-D: rotated q at every position (N, D)", Q1)
 L1 = Q1 @ K1.T  # L1[m, n] = <R(m) q, R(n) k>
 show("1-D: logits (N, N)", L1)
 
-# %% [markdown]
+# %% [markdown] slide
 # **Check the identity.** Every diagonal of `L1` (fixed offset n − m) must be constant, each logit must equal
 # $\langle q, R(n-m)k\rangle$, and rotation must keep the norm.
 
-# %%
+# %% hide-input
 spread_1d = max((torch.diagonal(L1, d).max() - torch.diagonal(L1, d).min()).item() for d in range(-N1 + 1, N1))
 assert spread_1d < 1e-12
 for m, n in [(0, 3), (5, 8), (12, 15), (9, 2)]:
@@ -113,8 +114,8 @@ print("offset +3:", ", ".join(f"L[{m},{m + 3}]={L1[m, m + 3].item():+.3f}" for m
 print("offset -7:", ", ".join(f"L[{m},{m - 7}]={L1[m, m - 7].item():+.3f}" for m in (7, 10, 15)))
 print(f"largest spread along a diagonal < 1e-12: {spread_1d < 1e-12}")
 
-# %%
-fig, axs = plt.subplots(1, 2, figsize=(8.5, 3.0))
+# %% slide hide-input
+fig, axs = plt.subplots(1, 2, figsize=(12.8, 4.8))
 im = axs[0].imshow(L1.numpy(), cmap="RdBu_r")
 axs[0].set(title="L[m, n] = <R(m)q, R(n)k>: constant diagonals", xlabel="key position n", ylabel="query position m")
 fig.colorbar(im, ax=axs[0], fraction=0.046)
@@ -124,13 +125,13 @@ axs[1].set(title="all 256 pairs vs offset (colour = m): one curve", xlabel="offs
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # **The complex-number view.** Read pair $k$ as the complex number $z_k = x_{2k} + i\,x_{2k+1}$; turning it
 # by $\theta$ is multiplying by $e^{i\theta}$. The dot product of two vectors is
 # $\mathrm{Re}\sum_k q_k \overline{k_k}$, so after rotation it is
 # $\mathrm{Re}\sum_k q_k\overline{k_k}\,e^{i(\theta_k(m)-\theta_k(n))}$: only $m - n$ appears.
 
-# %%
+# %% skip
 def rope_complex(x, angles):
     z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())  # (..., N, D/2) complex
     return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
@@ -142,14 +143,14 @@ m, n = 2, 11
 torch.testing.assert_close(L1[m, n], (zq * zk.conj() * torch.exp(2j * math.pi * (m - n) / periods_1d)).sum().real)
 print("complex multiplication == 2x2 rotations; logit = Re(sum q_k conj(k_k) e^{i(theta(m) - theta(n))})")
 
-# %% [markdown]
+# %% [markdown] skip
 # **Which dims form a pair does not matter.** RoFormer pairs neighbours (2k, 2k+1). DINOv3 (like GPT-NeoX and
 # most transformers models) pairs dim $j$ with dim $j + D/2$: split the vector in two halves and "rotate half",
 # `[x1, x2] -> [-x2, x1]`, so that `x * cos + rotate_half(x) * sin` turns every pair at once with two contiguous
 # slices. The two layouts differ only by a fixed permutation of the dims, which the learned q and k
 # projections absorb. The check: permute, rotate the DINOv3 way, and get the permuted RoFormer result.
 
-# %%
+# %% skip
 def rotate_half(x):
     """[x1, x2] -> [-x2, x1] on the last dim: the 90-degree turn of every pair (j, j + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -168,7 +169,7 @@ a = angles_1d.tile(2)  # (N, D): the angle of pair k at dims k and k + D/2
 torch.testing.assert_close(apply_rope(x8[:, half_layout], a.sin(), a.cos()), rotate_pairs(x8, angles_1d)[:, half_layout])
 print("rotate-half RoPE == interleaved RoPE up to a permutation of the dims")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. DINOv3's 2-D axial RoPE, from primitives
 #
 # An image has two axes. DINOv3 keeps them apart ("axial"): half of the rotation pairs turn with the
@@ -180,7 +181,7 @@ print("rotate-half RoPE == interleaved RoPE up to a permutation of the dims")
 # axes, with periods $P_k = \text{base}^{4k/D_\text{head}}$, base = 100 (`pos_embed_rope_base=100` in every
 # released model, `dinov3/hub/backbones.py`).
 
-# %%
+# %% hide-input
 embed_dim, num_heads = 384, 6  # dinov3_vits16
 D_head = embed_dim // num_heads
 base = 100.0
@@ -189,13 +190,13 @@ show("periods (D_head/4,)", periods)
 print(f"D_head = {D_head}; periods from {periods[0].item():.3f} to {periods[-1].item():.2f} (ratio {base ** (1 - 4 / D_head):.2f})")
 print("first four:", [round(p, 3) for p in periods[:4].tolist()])
 
-# %% [markdown]
+# %% [markdown] skip
 # **Coordinates.** Each patch is represented by its centre, $(i + 0.5)$ in patch units, divided by the grid size
 # and mapped to $[-1, 1]$. `normalize_coords` chooses the divisor: `"separate"` divides rows by H and columns by W
 # (every released model), `"max"` divides both by max(H, W), `"min"` by min(H, W). The result is (H·W, 2) with
 # column 0 = row coordinate, column 1 = column coordinate, rows of the grid flattened row-major like the tokens.
 
-# %%
+# %% skip
 def patch_coords(H, W, mode="separate", dtype=f64):
     ch = torch.arange(0.5, H, dtype=dtype)  # patch centres, in patch units
     cw = torch.arange(0.5, W, dtype=dtype)
@@ -216,12 +217,12 @@ for (h, w) in [(14, 14), (14, 24)]:
         print(f"{h:>3}x{w:<3} {mode:<9} [{c[:, 0].min().item():+.3f}, {c[:, 0].max().item():+.3f}]   "
               f"[{c[:, 1].min().item():+.3f}, {c[:, 1].max().item():+.3f}]")
 
-# %% [markdown]
+# %% [markdown] skip
 # **Angles and the `[h, w, h, w]` layout.** $\text{angle} = 2\pi \cdot \text{coord} / P_k$ for each axis and
 # each of the 16 periods gives (H·W, 2, 16); flatten to (H·W, 32) = `[16 row angles | 16 column angles]`, then
 # `tile(2)` to (H·W, 64) = `[h, w, h, w]`, so that dims j and j + 32 (a rotate-half pair) carry the same angle.
 
-# %%
+# %% skip
 def rope_sin_cos(H, W, mode="separate", periods=periods):
     """Our from-scratch DINOv3 RoPE: (sin, cos), each (H*W, D_head)."""
     c = patch_coords(H, W, mode, dtype=periods.dtype)
@@ -253,12 +254,12 @@ for j in [0, 1, 15, 16, 31, 32, 47, 48, 63]:
     axis, kk, partner = dim_role(j)
     print(f"{j:>4}  {axis:<4}  {kk:>6}  {periods[kk].item():6.2f}  {partner:>7}")
 
-# %% [markdown]
+# %% [markdown] skip
 # Now rotate q and k of shape (B, heads, N, D_head). For one pair (j, j + 32) with angle $a$,
 # `x * cos + rotate_half(x) * sin` gives $y_j = x_j\cos a - x_{j+32}\sin a$ and $y_{j+32} = x_{j+32}\cos a + x_j\sin a$:
 # the 2 × 2 rotation. The same sin/cos serve every batch element and every head (broadcast).
 
-# %%
+# %% skip
 qh = torch.randn(2, num_heads, H * W, D_head, dtype=f64)  # (B, heads, N, D_head), patch tokens only
 show("q (B, heads, H*W, D_head)", qh)
 q_rot = apply_rope(qh, sin, cos)
@@ -269,14 +270,14 @@ torch.testing.assert_close(q_rot[..., j + 32], qh[..., j + 32] * a_j.cos() + qh[
 torch.testing.assert_close(q_rot.norm(dim=-1), qh.norm(dim=-1))
 print("pair (5, 37) is a 2x2 rotation; norms are kept")
 
-# %% [markdown]
+# %% [markdown] slide
 # ### Check against `dinolab.rope` and against transformers
 #
 # `dinolab.rope.RopePositionEmbedding(embed_dim, num_heads=...)` returns `(sin, cos)` like the official module.
 # We compare all three coordinate modes on square and non-square grids. The module works in float32 (hub models
 # pass `pos_embed_rope_dtype="fp32"`), so we compare our float64 version with a float32 tolerance.
 
-# %%
+# %% hide-input
 for (h, w) in [(14, 14), (14, 24), (32, 32), (7, 3)]:
     for mode in ("separate", "max", "min"):
         ref = RopePositionEmbedding(embed_dim, num_heads=num_heads, normalize_coords=mode).eval()
@@ -290,13 +291,13 @@ print("dinolab.rope matches our from-scratch RoPE: 4 grids x 3 modes, sin and co
 print("periods buffer:", tuple(ref.periods.shape), ref.periods.dtype,
       "| learnable parameters:", sum(p.numel() for p in ref.parameters()))
 
-# %% [markdown]
+# %% [markdown] skip
 # transformers' `DINOv3ViTRopePositionEmbedding` (in `transformers.models.dinov3_vit.modeling_dinov3_vit`) takes
 # the pixel tensor (it only reads H and W from it), stores `inv_freq = 1 / periods`, supports only `"separate"`,
 # and returns **`(cos, sin)`**, the other order. Its config has `pos_embed_rescale=2.0` by default, so in training
 # mode it draws random coordinates (section 6): compare in `.eval()`.
 
-# %%
+# %% skip
 from transformers import DINOv3ViTConfig
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTRopePositionEmbedding
 
@@ -313,7 +314,7 @@ for (h, w) in [(14, 14), (14, 24), (32, 32)]:
 print("transformers matches on 14x14, 14x24, 32x32; (cos, sin) shapes at 224x384:",
       [tuple(t.shape) for t in hf_rope(torch.zeros(1, 3, 224, 384))])
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. The identity in 2-D, and the tokens that are not rotated
 #
 # Put the same query content q and key content k on every patch of the 14 × 14 grid, rotate, and take all
@@ -321,7 +322,7 @@ print("transformers matches on 14x14, 14x24, 32x32; (cos, sin) shapes at 224x384
 # row (or column) index, the logit must depend only on the offset (Δrow, Δcol) of the key from the query.
 # We group the 38,416 pairs by their offset (27 × 27 = 729 groups) and measure the spread inside each group.
 
-# %%
+# %% hide-input
 def offset_stats(L, H, W):
     """L (HW, HW) logits of a H x W grid. Group the pairs by (d_row, d_col) = key - query.
     Returns the mean map (2H-1, 2W-1), the max-min spread map, and R^2: the fraction of the logits'
@@ -351,8 +352,8 @@ print(f"logits: std {L2.std().item():.2f}; largest spread inside an offset group
 print(f"R^2 of 'logit = f(offset)': {r2:.6f}")
 assert spread_map.max() < 1e-10 and r2 > 1 - 1e-12
 
-# %%
-fig, axs = plt.subplots(1, 3, figsize=(10, 3.3))
+# %% slide hide-input
+fig, axs = plt.subplots(1, 3, figsize=(12.8, 4.6))
 ext = [-(W - 1) - 0.5, W - 1 + 0.5, H - 1 + 0.5, -(H - 1) - 0.5]
 vmax = L2.abs().max().item()
 axs[0].imshow(offset_map.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, extent=ext)
@@ -365,18 +366,18 @@ for ax, (r0, c0), colour in [(axs[1], (3, 3), "k"), (axs[2], (10, 8), "g")]:
     ax.plot(c0, r0, marker="*", color=colour, ms=12)
     ax.set(title=f"logits of the query at patch ({r0}, {c0})", xlabel="key column", ylabel="key row")
     axs[0].add_patch(plt.Rectangle((-c0 - 0.5, -r0 - 0.5), W, H, fill=False, color=colour, lw=1.5))
-fig.suptitle("Same q, k on every patch: each query's map is a window (box) cut from one offset map", fontsize=10)
+fig.suptitle("Same q, k on every patch: each query's map is a window (box) cut from one offset map", fontsize=14)
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # **cls and storage tokens are not rotated.** In `dinov3/layers/attention.py` the sequence is
 # `[cls, 4 storage tokens, H·W patches]` and RoPE is applied to the last H·W tokens of q and k only
 # (`prefix = N - H*W`); v is never rotated. A prefix token has no position. It can still tell where a patch is:
 # its unrotated query meets a *rotated* key, so $q_{cls}\cdot R(p)\,k$ depends on the patch's absolute position p.
 # `dinolab.attention.SelfAttention.apply_rope` does this, as does transformers' `apply_rotary_pos_emb`.
 
-# %%
+# %% skip
 n_prefix = 1 + 4  # cls + 4 storage tokens, as in every released model
 attn = SelfAttention(embed_dim, num_heads=num_heads, qkv_bias=True, mask_k_bias=True)
 sin32, cos32 = RopePositionEmbedding(embed_dim, num_heads=num_heads).eval()(H=H, W=W)
@@ -400,7 +401,7 @@ print(f"cls-query logits over the 196 patches (same key content everywhere): std
       "so they depend on where the patch is")
 assert cls_logits.std() > 0.1
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. The frequencies
 #
 # Coordinates span about 2 units across the image (from −1 to 1). A pair with period $P$ turns
@@ -409,19 +410,19 @@ assert cls_logits.std() > 0.1
 # (a fortieth of a turn: nearly constant, close to "no position", free for content). Row and column pairs use
 # the same 16 periods. The table is for a 14 × 14 grid and a 32 × 32 grid (512 px).
 
-# %%
+# %% hide-input
 print("  k  period  turns across image  rad per patch @14  rad per patch @32")
 for kk in [0, 2, 4, 8, 12, 15]:
     P = periods[kk].item()
     print(f"{kk:>3}  {P:6.2f}  {2 * (1 - 1 / 14) / P:18.3f}  {2 * math.pi * (2 / 14) / P:17.3f}  {2 * math.pi * (2 / 32) / P:17.3f}")
 
-# %%
-fig = plt.figure(figsize=(10, 4))
+# %% slide hide-input
+fig = plt.figure(figsize=(12.8, 5.6))
 gs = fig.add_gridspec(2, 4, width_ratios=[1.5, 1, 1, 1])
 ax = fig.add_subplot(gs[:, 0])
 ax.semilogy(range(len(periods)), periods.numpy(), "o-", ms=4)
 ax.axhline(2, color="grey", ls="--", lw=1)
-ax.text(0.3, 2.3, "image width in coordinates (2)", fontsize=8, color="grey")
+ax.text(0.3, 2.3, "image width in coordinates (2)", fontsize=11, color="grey")
 ax.set(title=f"16 periods P_k = 100^(4k/{D_head})", xlabel="frequency index k", ylabel="period (coordinate units, log)")
 show_k = [0, 5, 15]
 for r, axis in enumerate(["row", "col"]):
@@ -429,14 +430,14 @@ for r, axis in enumerate(["row", "col"]):
         dim = kk if axis == "row" else D_head // 4 + kk
         a2 = fig.add_subplot(gs[r, cidx + 1])
         a2.imshow(cos[:, dim].reshape(H, W).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-        a2.set_title(f"{axis} k={kk} (dim {dim}), P={periods[kk].item():.1f}", fontsize=8)
+        a2.set_title(f"{axis} k={kk} (dim {dim}), P={periods[kk].item():.1f}", fontsize=11)
         a2.set_xticks([])
         a2.set_yticks([])
-fig.suptitle("cos(angle) over the 14 x 14 grid: row pairs make horizontal bands, column pairs vertical bands", fontsize=10)
+fig.suptitle("cos(angle) over the 14 x 14 grid: row pairs make horizontal bands, column pairs vertical bands", fontsize=14)
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 5. Other resolutions and aspect ratios
 #
 # Coordinates are normalised, so the grid always spans about $[-1, 1]$: at 224 px (14 × 14) and at 512 px
@@ -447,15 +448,15 @@ plt.show()
 # but note what the official formula `2 * (i + 0.5) / max(H, W) - 1` does: the grid is anchored at −1 (top-left),
 # not centred. With `"max"` the short axis stops well before +1; with `"min"` the long axis runs past +1.
 
-# %%
+# %% slide hide-input
 grids = [(14, 14, "separate"), (32, 32, "separate"), (14, 24, "separate"), (14, 24, "max"), (14, 24, "min")]
 right = [max(1.15, patch_coords(h, w, mode)[:, 1].max().item() + 0.15) for h, w, mode in grids]
-fig, axs = plt.subplots(1, 5, figsize=(10, 2.6), gridspec_kw={"width_ratios": [r + 1.15 for r in right]})
+fig, axs = plt.subplots(1, 5, figsize=(12.8, 3.9), gridspec_kw={"width_ratios": [r + 1.15 for r in right]})
 for ax, (h, w, mode), xr in zip(axs, grids, right):
     c = patch_coords(h, w, mode)
     ax.scatter(c[:, 1].numpy(), c[:, 0].numpy(), s=5, linewidths=0)
     ax.add_patch(plt.Rectangle((-1, -1), 2, 2, fill=False, ls="--", color="grey"))
-    ax.set_title(f"{16 * h}x{16 * w} px, {h}x{w}\n'{mode}'", fontsize=8)
+    ax.set_title(f"{16 * h}x{16 * w} px, {h}x{w}\n'{mode}'", fontsize=11)
     ax.set_aspect("equal")
     ax.set_xlim(-1.15, xr)
     ax.set_ylim(1.15, -1.15)  # row 0 at the top, like the image
@@ -467,7 +468,7 @@ for h, w, mode in grids:
     print(f"{h}x{w} {mode:<8}: coordinate step per patch (row, col) = ({2 / {'separate': h, 'max': max(h, w), 'min': min(h, w)}[mode]:.4f}, "
           f"{2 / {'separate': w, 'max': max(h, w), 'min': min(h, w)}[mode]:.4f}), col range ±{c[:, 1].max().item():.3f}")
 
-# %% [markdown]
+# %% [markdown] skip
 # ### RoPE vs DINOv2's interpolated absolute position embedding
 #
 # DINOv2 (`dinov2/models/vision_transformer.py`) learns a table `pos_embed` of shape (1, 1 + N, D) (one vector
@@ -475,13 +476,13 @@ for h, w, mode in grids:
 # patch part with `F.interpolate(..., mode="bicubic")` (`interpolate_pos_encoding`). The hub models are built for
 # 518 px with patch 14 (`dinov2/hub/backbones.py`): a 37 × 37 table. RoPE has no table at all.
 
-# %%
+# %% skip
 dinov2_table = torch.zeros(1, 1 + 37 * 37, embed_dim)  # dinov2_vits14: D = 384, 518 px / 14 = 37
 print(f"DINOv2 ViT-S/14 pos_embed {tuple(dinov2_table.shape)}: {dinov2_table.numel():,} learned parameters")
 print(f"DINOv3 ViT-S/16 rope_embed: {sum(p.numel() for p in ref.parameters())} parameters, "
       f"a {tuple(ref.periods.shape)} buffer of fixed periods")
 
-# %% [markdown]
+# %% [markdown] skip
 # **An experiment.** We measure the *positional part* of the attention logit on a 14 × 14 grid (224 px, the
 # "training" resolution) and on a 32 × 32 grid (512 px), for both schemes:
 #
@@ -494,7 +495,7 @@ print(f"DINOv3 ViT-S/16 rope_embed: {sum(p.numel() for p in ref.parameters())} p
 # 14 × 14 to 32 × 32? Does the resampled table still look like the learned one (its norm)?
 # `GRIDS` and `DEVICE` can be changed (e.g. a 64 × 64 grid on a GPU).
 
-# %%
+# %% skip
 GRIDS = (14, 32)
 seed_everything(0)
 q_c, k_c = torch.randn(D_head, dtype=f64, device=DEVICE), torch.randn(D_head, dtype=f64, device=DEVICE)
@@ -524,14 +525,14 @@ print(f"\nmean |position vector|: {g0}x{g0} {res[g0]['pos_norm']:.2f} -> {g1}x{g
       f"({100 * (res[g1]['pos_norm'] / res[g0]['pos_norm'] - 1):+.0f}%); RoPE rotations keep every norm")
 assert all(res[g]["rope"][2] > 1 - 1e-9 for g in GRIDS) and all(res[g]["abs"][2] < 0.5 for g in GRIDS)
 
-# %% [markdown]
+# %% [markdown] skip
 # **RoPE's curve in patch units stretches; in coordinates it is the same function.** At 32 × 32 an offset of one
 # patch is a coordinate step of 2/32 instead of 2/14, so the logit at Δcol = 16 patches (coordinate offset 1.0) at
 # 512 px equals the logit at Δcol = 7 patches at 224 px. More generally every RoPE logit, at any grid, equals one
 # continuous function of the coordinate offset, $g(\delta) = \langle q, R(\delta)\,k\rangle$: we check all
 # offsets of both grids against it.
 
-# %%
+# %% skip
 def g_of_offset(delta):
     """<q, R(delta) k> for coordinate offsets delta (M, 2): q at coordinate (0, 0), k at delta."""
     ang = (2 * math.pi * delta[:, :, None] / periods.to(delta.device)).flatten(1, 2).tile(2)
@@ -550,8 +551,8 @@ print(f"RoPE: logit(Δcol={h0} @ {g0}x{g0}) = {m0[g0 - 1, g0 - 1 + h0].item():+.
 print(f"one patch = {2 / g0:.4f} coordinate units at {g0}x{g0}, {2 / g1:.4f} at {g1}x{g1}: "
       f"the same image fraction is {g1 / g0:.2f}x as many patches away")
 
-# %%
-fig, axs = plt.subplots(1, 3, figsize=(10, 3.2))
+# %% slide hide-input
+fig, axs = plt.subplots(1, 3, figsize=(12.8, 5))
 cols = {g0: "tab:blue", g1: "tab:orange"}
 for g in GRIDS:
     mean_r, _, _ = res[g]["rope"]
@@ -575,11 +576,11 @@ axs[0].set(title="RoPE: logit vs Δcol in patches", xlabel="Δcol (patches), Δr
 axs[1].set(title="RoPE: vs Δcol in coordinates: one curve", xlabel="Δcol (coordinate units)")
 axs[2].set(title="absolute: each query its own curve", xlabel="Δcol (coordinate units)")
 for ax in axs:
-    ax.legend(fontsize=6, loc="lower left")
+    ax.legend(fontsize=10, loc="lower left")
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # What the experiment shows:
 #
 # * **Relative vs absolute.** The RoPE logit is a function of the offset alone (R² = 1 at both grids, spread at rounding level);
@@ -596,7 +597,7 @@ plt.show()
 # * **Aspect ratio.** Both schemes stretch a non-square grid onto the trained range ("separate" for RoPE, the two
 #   scale factors of `F.interpolate` for DINOv2): neither keeps patches isotropic unless you choose `"max"`/`"min"`.
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 6. Training-time augmentations of the coordinates
 #
 # `RopePositionEmbedding` can randomise the coordinates while `self.training` is True, in this order
@@ -612,7 +613,7 @@ plt.show()
 # three do nothing, so the hub setting is inert at inference. The shift and jitter values below are ours, for
 # illustration (no released config uses them).
 
-# %%
+# %% slide hide-input
 settings = {
     "rescale 2 (hub models)": dict(rescale_coords=2.0),
     "shift 0.3 (ours)": dict(shift_coords=0.3),
@@ -633,7 +634,7 @@ def draw_grid(ax, c, **kw):
         ax.plot(g[:, col, 1], g[:, col, 0], **kw)
 
 
-fig, axs = plt.subplots(1, 4, figsize=(10, 2.9))
+fig, axs = plt.subplots(1, 4, figsize=(12.8, 4.2))
 seed_everything(1)
 for ax, (name, kw) in zip(axs, settings.items()):
     aug = RopePositionEmbedding(embed_dim, num_heads=num_heads, **kw)
@@ -642,10 +643,10 @@ for ax, (name, kw) in zip(axs, settings.items()):
     draw_grid(ax, base_coords, color="lightgrey", lw=3)
     for colour in ["tab:blue", "tab:orange", "tab:green"]:
         draw_grid(ax, aug.coords(h, w), color=colour, lw=1, marker=".", ms=3)
-    ax.set_title(name, fontsize=9)
+    ax.set_title(name)
     ax.set_aspect("equal")
     ax.invert_yaxis()
-fig.suptitle("5 x 5 patch centres: eval grid (thick grey) vs three training draws (colours)", fontsize=10)
+fig.suptitle("5 x 5 patch centres: eval grid (thick grey) vs three training draws (colours)", fontsize=14)
 fig.tight_layout()
 plt.show()
 
@@ -659,7 +660,7 @@ ratio_j = only_jitter.coords(h, w)[0] / base_coords[0]
 print(f"rescale: one factor {ratio[0].item():.3f} on both axes; jitter: row x{ratio_j[0].item():.3f}, "
       f"col x{ratio_j[1].item():.3f}")
 
-# %% [markdown]
+# %% [markdown] skip
 # **Each block draws its own augmentation.** The official ViT calls `self.rope_embed(H=H, W=W)` inside the block
 # loop (`dinov3/models/vision_transformer.py`), so in training each block gets fresh random coordinates: a
 # different rescale factor per block for the same image. In eval mode every block gets the same values (both the
@@ -667,7 +668,7 @@ print(f"rescale: one factor {ratio[0].item():.3f} on both axes; jitter: row x{ra
 # nothing). We record the coordinates each call produces in the tiny ViT of the series
 # (`dinov3_vittiny16`: 6 blocks, hub RoPE settings) by wrapping its `rope_embed.coords`.
 
-# %%
+# %% skip
 tiny = hub.dinov3_vittiny16()
 print("tiny ViT rope settings: rescale_coords =", tiny.rope_embed.rescale_coords, "| blocks:", len(tiny.blocks))
 recorded = []
@@ -697,50 +698,56 @@ print(f"eval:  {len(factors_eval)} RoPE call(s), factor:", " ".join(f"{f:.3f}" f
 assert len(factors_train) == len(tiny.blocks) and len(set(round(f, 6) for f in factors_train)) == len(tiny.blocks)
 assert all(f == 1.0 for f in factors_eval)
 
-# %% [markdown]
+# %% [markdown] skip
 # Why rescale? A factor $s$ at a 14 × 14 grid gives a coordinate step per patch of $2s/14$, the step of a
 # $14/s$-patch grid. With $s \in [1/2, 2]$ training sees steps from that of a 28 × 28 grid to that of a 7 × 7 grid,
 # so the spacings met at other resolutions are not new to the model (DINOv3 also has a high-resolution
 # adaptation stage at 512–768 px, `dinov3_vit7b16_high_res_adapt.yaml`).
 
-# %%
+# %% skip
 for s_ in (0.5, 1.0, 2.0):
     print(f"14x14, rescale {s_:>3}: step per patch {2 * s_ / 14:.4f}  (= a {14 / s_:.0f}x{14 / s_:.0f} grid without rescale)")
 print(f"32x32, eval       : step per patch {2 / 32:.4f}")
 
-# %% [markdown]
+# %% [markdown] skip
 # **A caveat on the stored periods.** The official training builder (`dinov3/models/__init__.py::build_model`) does
 # not forward `pos_embed_rope_dtype`, so the `rope_embed.periods` buffer in released checkpoints may be rounded to
 # bf16, while transformers and timm recompute fp32 periods and ignore it; `dinolab.weights` loads the buffer as is
 # from an official checkpoint, so for bit-exact parity take the periods from the checkpoint (the rounding error is
 # computed below).
 
-# %%
+# %% skip
 p_bf16 = ref.periods.to(torch.bfloat16).float()
 rel_err = ((p_bf16 - ref.periods).abs() / ref.periods).max().item()
 print(f"bf16-rounded periods: largest relative error {rel_err:.1e} (bf16 keeps 8 significant bits)")
 assert rel_err < 2 ** -8
 
-# %% [markdown]
+# %% [markdown] skip
 # ## 7. Summary
 #
 # **Shapes.** Where RoPE sits in ViT-S/16 (built on the meta device: shapes only), at 512 × 512 and at 224 × 384.
 # Its (sin, cos), each (H·W, D_head), go into every block's attention next to the 1 + 4 + H·W tokens (in eval
 # `dinolab` computes them once for all 12 blocks, so the table shows one call).
 
-# %%
+# %% skip
 vits = hub.dinov3_vits16(device="meta").eval()
 for size in [(512, 512), (224, 384)]:
     print(trace(vits, torch.empty(1, 3, *size, device="meta"), names=["patch_embed", "rope_embed", "blocks.0.attn", "norm"]))
     print()
 
-# %% [markdown]
+# %% [markdown] notes
 # The from-scratch build, step by step (recorded by `show` above):
 
-# %%
-Markdown("| step | shape |\n|---|---|\n" + "\n".join(f"| {name} | `{shape}` |" for name, shape in SHAPES))
+# %% slide hide-input
+def md_cell(text):
+    """Escape what Markdown would read as markup: '|' would split the table row ("[h | w]"), '*' would start
+    an emphasis ("(H*W, H*W)")."""
+    return text.replace("|", "\\|").replace("*", "\\*")
 
-# %% [markdown]
+
+Markdown("| step | shape |\n|---|---|\n" + "\n".join(f"| {md_cell(name)} | `{shape}` |" for name, shape in SHAPES))
+
+# %% [markdown] slide
 # **What to remember**
 #
 # * RoPE rotates q and k (never v) pair by pair; $\langle R(m)q, R(n)k\rangle = \langle q, R(n-m)k\rangle$, so the
@@ -754,13 +761,14 @@ Markdown("| step | shape |\n|---|---|\n" + "\n".join(f"| {name} | `{shape}` |" f
 # * cls and the 4 storage tokens are not rotated: the last H·W tokens are.
 # * Training may randomise the coordinates (hub models: `rescale_coords=2`, one factor in [1/2, 2], drawn anew in every
 #   block); eval is deterministic. transformers' module returns `(cos, sin)`, ours and the official `(sin, cos)`.
-#
+
+# %% [markdown] skip
 # **Exercises**
 #
 # 1. Replace `"separate"` by `"max"` in section 3 on a 10 × 16 grid. Is the logit still a function of (Δrow, Δcol)?
 #    Is it still a function of the *coordinate* offset when you compare a 10 × 16 and a 16 × 16 grid?
-# 2. Set base = 10,000 (the LLM default) instead of 100 and redraw the frequency figure. How many periods are now
-#    longer than the image (2 coordinate units), i.e. nearly useless for position?
+# 2. Set base = 10,000 (RoFormer's, and the LLM default) instead of DINOv3's 100 and redraw the frequency figure.
+#    How many periods are now longer than the image (2 coordinate units), i.e. nearly useless for position?
 # 3. Put q and k on a 14 × 14 grid with `rescale_coords=2` in training mode. Is the logit still a function of the
 #    offset? Of which offset: patches or coordinates? Does `shift_coords` change the patch-to-patch logits? The
 #    cls-to-patch logits?

@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 03 · Attention and the transformer block
 #
 # A DINOv3 backbone is a patch embedding (notebook 01) followed by a stack of identical **blocks**
@@ -16,14 +16,14 @@
 # depth the official way, and finally a whole block by hand, then count what attention costs as
 # images grow. Everything runs on 2 CPU cores in about 30 s.
 
-# %%
+# %% skip
 from IPython.display import Markdown
 
 from dinolab import viz
 
 Markdown(viz.series_map("03"))
 
-# %%
+# %% skip
 import math
 from functools import partial
 
@@ -42,10 +42,10 @@ from dinolab.vit import NORM_LAYERS
 
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
-plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 torch.set_printoptions(precision=3, sci_mode=False)
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. Scaled dot-product attention from primitives
 #
 # Each token asks a question (its **query** $q_i$), advertises what it contains (its **key** $k_j$)
@@ -58,7 +58,7 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # Three matrix operations. We write them by hand and compare with PyTorch's fused
 # `F.scaled_dot_product_attention` (SDPA), which is what the official code (and `dinolab`) calls.
 
-# %%
+# %% hide-input
 B, heads, N, d = 2, 3, 21, 16
 q, k, v = torch.randn(3, B, heads, N, d).unbind(0)
 print("q, k, v           ", tuple(q.shape), " (B, heads, N, d)")
@@ -77,13 +77,13 @@ torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 print("manual == F.scaled_dot_product_attention  (assert passed)")
 
 
-# %%
+# %% skip
 def attention_by_hand(q, k, v):
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape (..., N, d)."""
     return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ v
 
 
-# %% [markdown]
+# %% [markdown] slide
 # ### Why divide by $\sqrt{d}$?
 #
 # If the entries of $q$ and $k$ are independent with variance 1, then $q \cdot k$ is a sum of $d$
@@ -93,7 +93,7 @@ def attention_by_hand(q, k, v):
 # unit scale whatever the head width. We measure it: the **entropy** of an attention row is
 # $\log N$ for uniform attention and 0 for one-hot attention.
 
-# %%
+# %% skip
 g = torch.Generator().manual_seed(0)
 n_keys, dims = 196, [4, 16, 64, 256, 1024]  # 196 = 14 x 14 patches (224 px)
 
@@ -117,8 +117,8 @@ for i, d in enumerate(dims):
 assert all(0.85 < h < 0.95 for _, h, _ in stats["q·k / sqrt(d)"])  # ~ (log N - 1/2) / log N at unit scale
 assert stats["q·k (no scaling)"][-1][1] < 0.1  # d = 1024 without scaling: almost one-hot rows
 
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+# %% slide hide-input
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.4))
 for (name, rows), style in zip(stats.items(), ["o-", "s--"]):
     axes[0].plot(dims, [r[0] for r in rows], style, label=name)
     axes[1].plot(dims, [r[1] for r in rows], style, label=name)
@@ -133,12 +133,13 @@ for ax in axes:
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # With $1/\sqrt{d}$ the rows keep the same spread at every width (released models use $d = 64$;
 # the 7B model $d = 128$). Without it, at $d = 1024$ each query puts almost all its weight on one
 # key. (The official `SelfAttention` keeps a `self.scale` attribute but never uses it: SDPA applies
 # $1/\sqrt{d}$ itself.)
-#
+
+# %% [markdown] slide
 # ## 2. Multi-head attention with one fused `qkv` Linear
 #
 # One head of width $D$ would give each token one way of looking at the others. Multi-head attention
@@ -150,7 +151,7 @@ plt.show()
 # We use a toy size so the shapes stay readable: $D = 64$, 4 heads of 16, one [CLS] token and
 # 4 storage tokens (the DINOv3 layout, notebook 04) followed by a 4 × 4 grid of patch tokens.
 
-# %%
+# %% hide-input
 seed_everything(0)
 B, D, n_heads = 2, 64, 4
 D_head = D // n_heads
@@ -165,7 +166,7 @@ W_proj, b_proj = torch.randn(D, D) * D**-0.5, torch.randn(D)
 print(f"x      {tuple(x.shape)}  (B, N = {n_prefix} prefix + {Hp}x{Hp} patches, D)")
 print(f"W_qkv  {tuple(W_qkv.shape)}  (3D, D): rows [0, D) make q, [D, 2D) make k, [2D, 3D) make v")
 
-# %%
+# %% hide-input
 qkv = x @ W_qkv.T + b_qkv
 print("qkv = x W^T + b           ", tuple(qkv.shape), "(B, N, 3D)")
 qkv = qkv.reshape(B, N, 3, n_heads, D_head)
@@ -175,19 +176,19 @@ print("unbind(2) -> q, k, v      ", tuple(q.shape), "(B, N, heads, D_head) each"
 q, k, v = (t.transpose(1, 2) for t in (q, k, v))
 print("transpose(1, 2)           ", tuple(q.shape), "(B, heads, N, D_head): heads act like a batch dim")
 
-# %% [markdown]
+# %% [markdown] skip
 # The reshape fixes which rows of `W_qkv` belong to which head: row
 # $r = \text{which}\cdot D + h \cdot D_\text{head} + c$ feeds channel $c$ of head $h$ of
 # q (which = 0), k (1) or v (2). We check two of them directly:
 
-# %%
+# %% skip
 rows = lambda which, h: slice(which * D + h * D_head, which * D + (h + 1) * D_head)  # noqa: E731
 for name, which, h, t in [("q", 0, 1, q), ("k", 1, 2, k)]:
     direct = x @ W_qkv[rows(which, h)].T + b_qkv[rows(which, h)]
     torch.testing.assert_close(t[:, h], direct)
     print(f"{name} of head {h} = x @ W_qkv[{rows(which, h).start}:{rows(which, h).stop}].T + bias   (assert passed)")
 
-# %% [markdown]
+# %% [markdown] skip
 # ### RoPE inside attention: patch tokens only
 #
 # DINOv3 has no position embedding added to the tokens; positions enter **only here**, by rotating
@@ -196,7 +197,7 @@ for name, which, h, t in [("q", 0, 1, q), ("k", 1, 2, k)]:
 # rotated. The rotation uses the "rotate half" layout: channel $j$ turns together with channel
 # $j + D_\text{head}/2$.
 
-# %%
+# %% skip
 rope = RopePositionEmbedding(D, num_heads=n_heads)  # base 100, no learnable weights
 sin, cos = rope(H=Hp, W=Wp)
 print("sin, cos              ", tuple(sin.shape), "(H*W, D_head): no batch or head dimension")
@@ -221,7 +222,7 @@ assert not torch.allclose(q_rot[:, :, n_prefix:], q[:, :, n_prefix:])  # patch t
 torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))  # a rotation keeps lengths
 print("prefix tokens unrotated, patch tokens rotated, norms kept  (asserts passed)")
 
-# %%
+# %% skip
 o = attention_by_hand(q_rot, k_rot, v)
 print("attention per head    ", tuple(o.shape), "(B, heads, N, D_head)")
 o = o.transpose(1, 2).reshape(B, N, D)
@@ -229,12 +230,12 @@ print("merge heads           ", tuple(o.shape), "(B, N, D): heads concatenated c
 o = o @ W_proj.T + b_proj
 print("proj (D -> D)         ", tuple(o.shape), "(B, N, D): mixes information across heads")
 
-# %% [markdown]
+# %% [markdown] slide
 # Now the same computation as one function, and the check against `dinolab.attention.SelfAttention`
 # with our weights copied in. `mask_k_bias=True` (as in every released model) makes its `qkv` a
 # `LinearKMaskedBias`, which carries a `bias_mask` buffer.
 
-# %%
+# %% hide-input
 def mha_by_hand(x, W_qkv, b_qkv, W_proj, b_proj, n_heads, rope=None):
     B, N, D = x.shape
     q, k, v = (x @ W_qkv.T + b_qkv).reshape(B, N, 3, n_heads, D // n_heads).unbind(2)
@@ -255,7 +256,7 @@ with torch.no_grad():
 torch.testing.assert_close(o, attn(x, rope=(sin, cos)).detach())
 print("our multi-head attention (RoPE on patches only) == dinolab SelfAttention  (assert passed)")
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 3. What RoPE alone does to attention
 #
 # A random-init attention map is noise. A more instructive picture: give **every** patch the
@@ -266,7 +267,7 @@ print("our multi-head attention (RoPE on patches only) == dinolab SelfAttention 
 # 32 pairs, the first 16 turning with the row coordinate, the next 16 with the column, with
 # periods $100^{k/16}$ (in units of the normalised coordinate, which spans 2 across the image).
 
-# %%
+# %% skip
 G, Dh = 14, 64  # a 224 px image: 14 x 14 patches; one head of width 64
 rope14 = RopePositionEmbedding(Dh, num_heads=1)
 sin14, cos14 = rope14(H=G, W=G)
@@ -305,46 +306,61 @@ assert maps["all 32 pairs"].argmax().item() == 7 * G + 7
 torch.testing.assert_close(maps["row pairs only"], maps["row pairs only"][:, :1].expand(G, G))
 print("translation invariant, peaked at the query, row pairs see rows only  (asserts passed)")
 
-# %%
-fig = plt.figure(figsize=(10, 4))
+# %% slide hide-input
+fig = plt.figure(figsize=(12.8, 6.4))
 grid = fig.add_gridspec(2, len(maps), height_ratios=[1.1, 1])
 for i, (name, m) in enumerate(maps.items()):
     ax = fig.add_subplot(grid[0, i])
     ax.imshow(m, cmap="viridis")  # each panel on its own colour scale
     ax.plot(7, 7, marker="*", color="w", ms=9, mec="k")
-    ax.set_title(f"{name}\nrange [{m.min():.2f}, {m.max():.2f}]", fontsize=8)
+    ax.set_title(f"{name}\nrange [{m.min():.2f}, {m.max():.2f}]", fontsize=11)
     ax.set_xticks([])
     ax.set_yticks([])
 ax = fig.add_subplot(grid[1, :])
+# "row pairs only" (flat at 1) and the slowest pairs (almost flat) nearly coincide: hollow squares on a dashed
+# line vs small dots on a solid one, so that both stay visible
+styles = {"all 32 pairs": dict(marker="o", ls="-"), "row pairs only": dict(marker="s", ls="--", ms=10, mfc="none"),
+          "column pairs only": dict(marker="^", ls="-."), "fastest pairs (period 1)": dict(marker="D", ls=":"),
+          "slowest pairs (13-75)": dict(marker="o", ls="-", ms=4)}
 for name, m in maps.items():
-    ax.plot(range(-7, G - 7), m[7], "o-", ms=3, label=name)
+    ax.plot(range(-7, G - 7), m[7], label=name, **{"ms": 6, **styles[name]})
 ax.set(xlabel="column offset from the query (patches), same row", ylabel="q·k / |c|²", xticks=range(-7, G - 7))
-ax.set_ylim(-0.6, 1.08)
-ax.legend(frameon=False, fontsize=7, ncol=5, loc="lower center")
-fig.suptitle("RoPE alone (same content at every patch): logits of the query ★ against every patch, 14 x 14 grid",
-             fontsize=9)
+ax.set_ylim(-0.75, 1.1)
+ax.legend(frameon=False, fontsize=11, ncol=3, loc="lower center")
+fig.suptitle("RoPE alone (same content at every patch): logits of the query ★ against every patch, 14 x 14 grid")
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # Read the maps left to right (each on its own colour scale); the line plot reads them along the
 # query's row. With energy in all pairs, RoPE alone gives a **locality bias**: the score falls
 # steadily with distance. Row-only pairs give horizontal bands: they cannot tell columns apart, so
-# their line is flat. Column-only pairs give vertical bands. The fastest pairs (period 1 in
+# their line is flat at 1 (dashed, hollow squares; the slowest pairs' dots lie just below it). Column-only
+# pairs give vertical bands. The fastest pairs (period 1 in
 # coordinate units = 7 patches at 224 px) resolve small offsets sharply but repeat: offsets 0 and
 # ±7 look alike. The slowest pairs barely change across the image and behave like "no position".
 # Fast and slow pairs together give precision without ambiguity; a trained head decides, through
 # where its q and k put their energy, how much it attends by content and how much by position.
-#
+
+# %% [markdown] slide
 # ## 4. The masked k bias
 #
+# **First, what the released checkpoints hold.** In the released non-7B checkpoints (S, S+, B, L, L+, H+)
+# **both `qkv.bias` and its `bias_mask` are all zeros**, as reported in the official repository's issue
+# tracker (facebookresearch/dinov3 issue #195): the released models effectively use no qkv bias at all, and the
+# 7B has none by construction (`qkv_bias=False`). We cannot check this offline (no checkpoints here); loading such
+# a checkpoint into `dinolab` reproduces it exactly, because the stored buffer replaces our (1, 0, 1) default.
+# So what follows is about the architecture and the training code, which keep a bias on q and v and mask the
+# one on k, not about the released weights.
+
+# %% [markdown] skip
 # **Without RoPE, a bias on k does nothing.** Write $k_j = W_k x_j + b$. Then
 # $$q_i \cdot k_j = q_i \cdot W_k x_j + \underbrace{q_i \cdot b}_{\text{same for every key } j},$$
 # so the bias adds one constant per query row, and softmax ignores constants:
 # $\mathrm{softmax}(z + c\mathbf{1}) = \mathrm{softmax}(z)$. The outputs are unchanged, and so the
 # gradient reaching $b$ is exactly zero. We check both.
 
-# %%
+# %% skip
 seed_everything(1)
 xq, xk, xv = torch.randn(3, 1, 1, 9, 16).unbind(0)
 b_k = torch.randn(16, requires_grad=True)
@@ -359,14 +375,14 @@ out_bias.pow(2).sum().backward()
 assert b_k.grad.norm() < 1e-4
 print("outputs unchanged, and the gradient reaching the k bias is 0 up to rounding  (asserts passed)")
 
-# %% [markdown]
+# %% [markdown] slide
 # **With RoPE, it is not a constant any more.** DINOv3 rotates k *after* the bias is added, so for
 # a patch key $k_j = R_j (W_k x_j + b)$ and the extra term $q_i \cdot R_j b$ changes with the key's
 # position $j$: a k bias would become a learned, query-dependent positional bias. So in a RoPE
 # model the k-bias mask is a real modelling choice, not only a saving. We check it with
 # `dinolab`'s `SelfAttention`: same weights with a nonzero k bias, with and without the mask.
 
-# %%
+# %% hide-input
 seed_everything(2)
 a_masked = SelfAttention(D, num_heads=n_heads, qkv_bias=True, mask_k_bias=True)
 a_plain = SelfAttention(D, num_heads=n_heads, qkv_bias=True, mask_k_bias=False)
@@ -380,7 +396,7 @@ print("k bias kept vs masked, no RoPE  : outputs equal ->", same_without_rope)
 print("k bias kept vs masked, with RoPE: outputs differ ->", gap_with_rope > 1e-2)
 assert same_without_rope and gap_with_rope > 1e-2
 
-# %% [markdown]
+# %% [markdown] skip
 # ### `bias_mask`: a buffer, and it is in the checkpoints
 #
 # `LinearKMaskedBias` multiplies the `qkv` bias by `bias_mask` (1 on the q third, **0 on the k
@@ -391,7 +407,7 @@ assert same_without_rope and gap_with_rope > 1e-2
 # `init_weights()` outputs NaN. `dinolab` fills it at construction (our choice), so a fresh layer
 # works.
 
-# %%
+# %% skip
 mask = attn.qkv.bias_mask
 print("bias_mask", tuple(mask.shape), "-> value per third (q, k, v):",
       [t.unique().tolist() for t in mask.chunk(3)])
@@ -406,14 +422,12 @@ qkv_7b = build("dinov3_vit7b16", device="meta").blocks[0].attn.qkv
 print("ViT-7B: qkv_bias =", CONFIGS["dinov3_vit7b16"]["qkv_bias"], "-> qkv has a bias:", qkv_7b.bias is not None,
       "| has bias_mask:", hasattr(qkv_7b, "bias_mask"))
 
-# %% [markdown]
-# Two facts from the official repository's issue tracker, which we cannot check offline (no
-# checkpoints here): `facebookresearch/dinov3` issue #58 asked what `LinearKMaskedBias` is for (it
-# was labelled a bug, and PR #155 fixed the NaN initialisation), and issue #195 reports that in the
-# released non-7B checkpoints **both `qkv.bias` and `bias_mask` are all zeros**, so the released
-# models effectively use no qkv bias at all. Loading such a checkpoint into `dinolab` reproduces
-# that exactly, because the stored buffer replaces our (1, 0, 1) default.
-#
+# %% [markdown] skip
+# The NaN initialisation was reported in the official repository too (facebookresearch/dinov3 issue #58 asked
+# what `LinearKMaskedBias` is for; it was labelled a bug, and PR #155 fixed the initialisation). And recall the
+# first paragraph of this section: in the released non-7B checkpoints this buffer, like the bias, is all zeros.
+
+# %% [markdown] slide
 # ## 5. LayerScale: every block starts as (almost) the identity
 #
 # `LayerScale` multiplies a residual branch by a learned per-channel vector $\gamma \in
@@ -425,7 +439,7 @@ print("ViT-7B: qkv_bias =", CONFIGS["dinov3_vit7b16"]["qkv_bias"], "-> qkv has a
 # its $\gamma$ is learned. We measure it on a stack of 24 random blocks (ViT-L depth, ViT-S width),
 # with the official initialisation, with and without LayerScale.
 
-# %%
+# %% skip
 ls = LayerScale(384)
 print("gamma", tuple(ls.gamma.shape), f"init {ls.gamma[0].item():.0e}", "| state-dict keys in a block: ls1.gamma, ls2.gamma")
 
@@ -466,8 +480,8 @@ for label, init in [("LayerScale 1e-5", 1e-5), ("no LayerScale", None)]:
 assert residual["LayerScale 1e-5"]["total"] < 1e-4 and residual["no LayerScale"]["total"] > 0.5
 assert min(residual["no LayerScale"]["update"]) > 0.1 and max(residual["LayerScale 1e-5"]["update"]) < 1e-5
 
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+# %% slide hide-input
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.4))
 for (label, r), style in zip(residual.items(), ["o-", "s--"]):
     axes[0].plot(range(depth_ls + 1), r["norm"], style, ms=3, label=label)
     axes[1].plot(range(1, depth_ls + 1), r["update"], style, ms=3, label=label)
@@ -478,14 +492,15 @@ for ax in axes:
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # Without LayerScale, every freshly initialised block changes the stream by more than 10 % (asserted
 # above), the stream's norm keeps growing, and after 24 blocks the output is far from the input:
 # early in training the features are dominated by random blocks. With $\gamma = 10^{-5}$ the stack
 # is the identity to 5 digits: the patch embeddings pass through unchanged, and the optimizer grows
 # each $\gamma$ (one scalar per channel and branch) only where the block helps. It is one of the
 # ingredients that keep the training of deep, wide ViTs (up to 40 blocks of width 4096 here) stable.
-#
+
+# %% [markdown] slide
 # ## 6. The feed-forward network: Mlp vs SwiGLU
 #
 # Every block's second branch is a per-token MLP with hidden width `int(D * ffn_ratio)`.
@@ -497,7 +512,7 @@ plt.show()
 #   `"swiglu64"` / `"swiglu128"`; `dinov3/layers/ffn_layers.py`):
 #   $d = \lfloor 2h/3 \rfloor$, $\;h_\text{SwiGLU} = d + (-d \bmod \text{align\_to})$.
 
-# %%
+# %% skip
 def swiglu_width(hidden, align_to=8):
     d = int(hidden * 2 / 3)
     return d + (-d % align_to)
@@ -511,7 +526,7 @@ print(f"{'hidden':>7} | " + " ".join(f"align {a:>3}" for a in (8, 32, 64, 128)))
 for h in (2304, 4351, 12288):  # S+ (384 x 6), SO400M-like (1152 x 3.78), 7B (4096 x 3)
     print(f"{h:>7} | " + " ".join(f"{swiglu_width(h, a):>9}" for a in (8, 32, 64, 128)))
 
-# %%
+# %% hide-input
 align = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
 rows_md = ["| model | D | ffn_layer | ffn_ratio | h = int(D·ratio) | SwiGLU width | Mlp(h) params | SwiGLU params | SwiGLU / Mlp |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -534,13 +549,13 @@ assert {n: w for n, (w, _, _) in ffn_table.items()} == {
 assert all(abs(ps / pm - 1) < 0.01 for _, pm, ps in ffn_table.values())
 Markdown("\n".join(rows_md))
 
-# %% [markdown]
+# %% [markdown] skip
 # The SwiGLU widths come out as round numbers (1536 = 4 × 384, 4096 = 4 × 1024, 5120 = 4 × 1280,
 # 8192 = 2 × 4096), and the parameter counts match a GELU Mlp of width $h$ to within 0.1 % (the
 # difference is the extra bias). Note what "+" means, though: S+ is not ViT-S with a SwiGLU of the
 # same cost; its ratio 6 makes the FFN 1.5 times larger than ViT-S's ratio-4 Mlp:
 
-# %%
+# %% skip
 ffn = {}
 for n_ in ("dinov3_vits16", "dinov3_vits16plus"):
     m_ = build(n_, device="meta")
@@ -548,15 +563,15 @@ for n_ in ("dinov3_vits16", "dinov3_vits16plus"):
     print(f"{n_:18s} FFN per block {ffn[n_]:>10,}   whole model {count_params(m_):>11,}")
 print(f"FFN per block, S+ / S = {ffn['dinov3_vits16plus'] / ffn['dinov3_vits16']:.3f}")
 
-# %% [markdown]
+# %% [markdown] skip
 # Why gate at all? The product $\mathrm{SiLU}(a)\cdot b$ lets one projection switch the other on or
 # off per token and channel; such GLU variants have trained better than a plain nonlinearity in
 # large transformers (Shazeer 2020, "GLU Variants Improve Transformer").
 
-# %%
+# %% skip
 t = torch.linspace(-4, 4, 401)
 a, b = torch.meshgrid(torch.linspace(-3, 3, 121), torch.linspace(-3, 3, 121), indexing="ij")
-fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.6))
 axes[0].plot(t, F.gelu(t), label="GELU (Mlp)")
 axes[0].plot(t, F.silu(t), "--", label="SiLU = x·sigmoid(x) (SwiGLU gate)")
 axes[0].plot(t, F.relu(t), ":", color="gray", label="ReLU")
@@ -568,12 +583,13 @@ fig.colorbar(im, ax=axes[1])
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # The activation is not the difference (GELU and SiLU nearly coincide); the **gating** is. On the
 # right, for $a < 0$ the gate is closed and the unit outputs about 0 whatever $b$ is; for $a > 0$
 # it passes $b$ (with its sign) scaled by about $a$: a multiplicative interaction of two
 # projections that a plain MLP unit cannot express.
-#
+
+# %% [markdown] skip
 # ## 7. LayerNorm vs RMSNorm
 #
 # $$\mathrm{LayerNorm}(x) = \frac{x - \mu}{\sqrt{\sigma^2 + \varepsilon}} \odot w + b, \qquad
@@ -582,7 +598,7 @@ plt.show()
 # centring and the bias: if a token already has zero mean, $\sigma^2 = \frac1D\sum_c x_c^2$ and the
 # two are equal (for $b = 0$).
 
-# %%
+# %% skip
 def layer_norm_by_hand(x, w, b, eps):
     mu = x.mean(-1, keepdim=True)
     var = x.var(-1, unbiased=False, keepdim=True)
@@ -612,17 +628,18 @@ print(f"parameters at D = {Dn}: LayerNorm {count_params(ln):,} (w, b), RMSNorm {
 print("a bf16 RMSNorm on bf16 tokens returns", RMSNorm(Dn).bfloat16()(xn.bfloat16()).dtype,
       "(it normalises in fp32 inside, then casts back)")
 
-# %%
+# %% skip
 for key, make in NORM_LAYERS.items():
     layer = make(8)
     print(f"norm_layer={key!r:16} -> {type(layer).__name__:9} eps={layer.eps:g}")
 print("released models use norm_layer =", repr(HUB_COMMON["norm_layer"]))
 
-# %% [markdown]
+# %% [markdown] skip
 # `"layernormbf16"` is a plain LayerNorm whose only difference is `eps=1e-5` (the constructor
 # default `"layernorm"` uses 1e-6); all released ViTs use it (`dinov3/hub/backbones.py`), so no
 # released backbone uses RMSNorm.
-#
+
+# %% [markdown] slide
 # ## 8. A whole block, by hand
 #
 # Pre-norm: each branch sees a normalised copy of the stream, and its output is scaled by
@@ -632,7 +649,7 @@ print("released models use norm_layer =", repr(HUB_COMMON["norm_layer"]))
 # at our toy width. To make the check meaningful, the norms, biases and the
 # $\gamma$s get random values (with $\gamma = 10^{-5}$ almost anything would "match").
 
-# %%
+# %% hide-input
 seed_everything(5)
 blk = SelfAttentionBlock(D, n_heads, ffn_ratio=4.0, qkv_bias=True, init_values=1e-5, mask_k_bias=True,
                          norm_layer=partial(nn.LayerNorm, eps=1e-5), ffn_layer=Mlp).eval()
@@ -660,7 +677,7 @@ print("in", tuple(x.shape), "-> out", tuple(y_hand.shape), "| |out - in| / |in| 
 torch.testing.assert_close(y_hand, y_lib)
 print("block by hand == dinolab SelfAttentionBlock  (assert passed)")
 
-# %% [markdown]
+# %% [markdown] skip
 # ## 9. Stochastic depth, the official way
 #
 # Stochastic depth drops whole residual branches at random during training (the block then acts
@@ -679,7 +696,7 @@ print("block by hand == dinolab SelfAttentionBlock  (assert passed)")
 # official form **saves compute** (the branch runs on $s$ samples instead of $B$), and always
 # drops exactly $B - s$ samples instead of a random number.
 
-# %%
+# %% skip
 def stochastic_depth_official(x, branch, p, gen):
     b = x.shape[0]
     s = max(int(b * (1 - p)), 1)
@@ -708,12 +725,12 @@ s = max(int(Bsd * (1 - p_drop)), 1)
 print(f"B = {Bsd}, p = {p_drop}: the official branch runs on {s} of {Bsd} samples ({s / Bsd:.1%} of the compute), "
       f"added back x{Bsd / s:.2f}; DropPath runs all {Bsd} and zeroes ~{Bsd * p_drop:.1f}")
 
-# %% [markdown]
+# %% [markdown] skip
 # One consequence of the rounding down: the rate actually applied is $1 - s/B$, which is larger
 # than $p$ when $B(1-p)$ is not an integer, and 0 for a batch of one (the subset is never empty).
 # Computed for the rates used in training:
 
-# %%
+# %% skip
 print(f"{'B':>4} | " + " | ".join(f"p={p}: s, effective rate" for p in (0.3, 0.4)))
 for b_ in (1, 2, 4, 8, 16, 64):
     cells = []
@@ -722,11 +739,11 @@ for b_ in (1, 2, 4, 8, 16, 64):
         cells.append(f"{s_:>6}, {1 - s_ / b_:>12.3f}")
     print(f"{b_:>4} | " + " | ".join(cells))
 
-# %% [markdown]
+# %% [markdown] skip
 # The same thing inside `dinolab`'s block in training mode: a hook on `attn` sees only $s$
 # samples, and with the same random seed our version by hand gives the same result.
 
-# %%
+# %% skip
 seed_everything(7)
 blk_sd = SelfAttentionBlock(D, n_heads, qkv_bias=True, init_values=0.5, drop_path=p_drop, mask_k_bias=True).train()
 x8 = torch.randn(Bsd, N, D)
@@ -748,19 +765,19 @@ assert seen == [s]
 torch.testing.assert_close(y_hand, y_lib)
 print("official-style stochastic depth by hand == dinolab block in train mode  (assert passed)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 10. What attention costs as images grow
 #
-# Per block, with $N$ tokens of width $D$ and an MLP of width $4D$ (ViT-L), counting a
-# multiply-add as 2 FLOPs:
-# * the Linears (qkv, proj, fc1, fc2): $2N(3D^2 + D^2 + 8D^2) = 24ND^2$, **linear** in $N$;
-# * attention itself ($QK^\top$ and $\cdot V$): $2N^2D + 2N^2D = 4N^2D$, **quadratic** in $N$;
-# * a manual implementation also stores the $\text{heads} \times N \times N$ attention matrix.
+# Per block, with $N$ tokens of width $D$ and an MLP of width $4D$ (ViT-L), the Linears cost $24ND^2$
+# FLOPs, **linear** in $N$, and attention itself ($QK^\top$ and $\cdot V$) $4N^2D$, **quadratic** in $N$
+# (the counting convention and the derivation for every released model are in
+# [notebook 00](00_dino_v1_v2_v3.ipynb), section 5). A manual implementation also stores the
+# $\text{heads} \times N \times N$ attention matrix.
 #
 # We check the formula against PyTorch's FLOP counter on a real ViT-L block on the `meta` device
 # (shapes only, no arithmetic), then tabulate image sizes from 224 to 1024 px ($N = (s/16)^2 + 5$).
 
-# %%
+# %% hide-input
 from torch.utils.flop_counter import FlopCounterMode
 
 D_L, heads_L = CONFIGS["dinov3_vitl16"]["embed_dim"], CONFIGS["dinov3_vitl16"]["num_heads"]
@@ -792,8 +809,8 @@ rows_md = ["| image | tokens N | Linears GFLOP/block | attention GFLOP/block | a
 rows_md += [f"| {s_}² | {n:,} | {l_:.1f} | {a_:.1f} | {sh:.0%} | {m_:,.0f} |" for s_, n, l_, a_, sh, m_ in cost]
 Markdown("\n".join(rows_md))
 
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+# %% skip
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.4))
 axes[0].plot(sides, [c[2] for c in cost], "o-", label="Linears (24·N·D²)")
 axes[0].plot(sides, [c[3] for c in cost], "s--", label="attention (4·N²·D)")
 axes[0].set(xlabel="image side (px)", ylabel="GFLOP per block", title="ViT-L block: compute", yscale="log")
@@ -805,7 +822,7 @@ fig.tight_layout()
 plt.show()
 assert cost[0][4] < 0.05 and cost[-1][4] > 0.4  # attention: ~3 % of a block at 224 px, ~40 % at 1024 px
 
-# %% [markdown]
+# %% [markdown] skip
 # At the training resolution (224 px, 201 tokens) attention is a small part of the work, and the
 # Linears dominate. At 1024 px ($N$ = 4101) it is about 40 % of every block, and a naive
 # implementation would store over 1 GiB per block per image for the attention matrix. That is why
@@ -815,7 +832,7 @@ assert cost[0][4] < 0.05 and cost[-1][4] > 0.4  # attention: ~3 % of a block at 
 # The timing below (not compared in CI: timings vary by machine) shows the difference on this
 # machine, and which kernel SDPA picked.
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 import time
 
@@ -852,34 +869,40 @@ with torch.no_grad():
 print(f"device {DEVICE.type}; SDPA ran {log.ops}")
 print(f"manual {t_manual:.1f} ms, SDPA {t_sdpa:.1f} ms per call (1 x 6 heads x 1029 tokens x 64)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## Summary
 #
 # The tensor flow through one **ViT-L block at 512 × 512** (4 images, 1 + 4 + 32 × 32 = 1029
 # tokens), traced on the `meta` device:
 
-# %%
+# %% hide-input
 with torch.device("meta"):
     x_meta = torch.empty(4, 1029, D_L)
     rope_meta = rope_L(H=32, W=32)
 trace(blk_L, x_meta, rope_meta, max_depth=2)
 
-# %% [markdown]
+# %% [markdown] skip
 # `ls1` and `ls2` are the LayerScale modules ($\gamma \odot \text{branch}$): the block calls them as the official
 # code does, `x = x + ls1(attn(norm1(x), rope))`, so each has its own row.
 
-# %% [markdown]
-# | piece | official file | what to remember |
-# |---|---|---|
-# | attention | `layers/attention.py` | softmax(q kᵀ/√d) v; the √d keeps rows from collapsing to one-hot as d grows; SDPA, never the N×N matrix |
-# | fused qkv | `layers/attention.py` | one Linear D → 3D read as (B, N, 3, heads, D_head); rows [0,D) q, [D,2D) k, [2D,3D) v |
-# | RoPE | `layers/rope_position_encoding.py` | rotates q and k of **patch tokens only**, after the bias; alone it gives offset-only (locality, bands, ripples) patterns |
-# | masked k bias | `layers/attention.py` | `bias_mask` (1, 0, 1 thirds) is a checkpoint buffer; a k bias is a no-op without RoPE, a positional bias with it; 7B has no qkv bias |
-# | LayerScale | `layers/layer_scale.py` | γ ∈ ℝᴰ, init 1e-5: a 24-block stack starts as the identity (10⁻⁵ vs ~1 without) |
-# | FFN | `layers/ffn_layers.py` | Mlp (S, B, L) vs SwiGLU (S+, L+, H+, 7B): width ⌊2h/3⌋ rounded up to align_to, same parameters |
-# | norms | `models/vision_transformer.py` | released: LayerNorm eps 1e-5 (`layernormbf16`); RMSNorm = LayerNorm without centring and bias |
-# | stochastic depth | `layers/block.py` | a random subset of max(⌊B(1−p)⌋, 1) samples runs each branch, added back ×B/s: unbiased, cheaper |
+# %% [markdown] slide
+# ## What to remember
 #
+# - **Attention** = softmax(q kᵀ/√d) v; the √d keeps rows from collapsing to one-hot as d grows; SDPA never
+#   stores the N×N matrix.
+# - **Fused qkv**: one Linear D → 3D read as (B, N, 3, heads, D_head): rows [0, D) q, [D, 2D) k, [2D, 3D) v.
+# - **RoPE** rotates q and k of the **patch tokens only**, after the bias; alone it gives offset-only patterns.
+# - **Masked k bias**: released non-7B checkpoints hold an all-zero qkv bias and `bias_mask` (#195); the 7B has
+#   no qkv bias. By design a k bias is a no-op without RoPE and a positional bias with it.
+# - **LayerScale** γ, init 1e-5: a 24-block stack starts as the identity (10⁻⁵ vs ~1 without).
+# - **FFN**: Mlp (S, B, L) or SwiGLU (S+, L+, H+, 7B), width ⌊2h/3⌋ rounded up: the same parameters as an Mlp of width h.
+# - **Norms**: released models use LayerNorm, eps 1e-5; RMSNorm = LayerNorm without centring and bias.
+# - **Stochastic depth**: a random subset of max(⌊B(1−p)⌋, 1) samples runs each branch, added back ×B/s.
+#
+# <small>Official files (facebookresearch/dinov3, `dinov3/`): `layers/attention.py`, `layers/rope_position_encoding.py`,
+# `layers/layer_scale.py`, `layers/ffn_layers.py`, `layers/block.py`, `models/vision_transformer.py`.</small>
+
+# %% [markdown] skip
 # ## Exercises
 #
 # 1. **Heads vs width.** Keep $D = 64$ and compare 1, 4 and 16 heads in `mha_by_hand`: which shapes
