@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 04 · The DINOv3 ViT: assembled, measured, loaded
 #
 # Notebooks 01–03 built the parts: the patch embedding, 2-D RoPE, and the pre-norm block with
@@ -16,14 +16,14 @@
 #
 # Expected run time: about 30 s on 2 CPU cores.
 
-# %%
+# %% skip
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("04")))
 
-# %%
+# %% skip
 import os
 
 # set before transformers is imported: no progress bars, no network
@@ -47,10 +47,11 @@ from dinolab.rope import RopePositionEmbedding
 from dinolab.utils import count_params, get_device, seed_everything
 
 seed_everything(0)
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 print("device type:", DEVICE.type)
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. Assemble the ViT from its parts
 #
 # The official forward pass (`DinoVisionTransformer.forward_features`) is short:
@@ -71,21 +72,21 @@ print("device type:", DEVICE.type)
 # We use the settings every released model shares (`dinov3/hub/backbones.py`, in `dinolab.hub.HUB_COMMON`)
 # with the small width of `dinov3_vittiny16`, a configuration of ours that notebook 05 pretrains on a CPU.
 
-# %%
+# %% skip
 C = {**hub.HUB_COMMON, **hub.CONFIGS["dinov3_vittiny16"]}
 D, DEPTH, HEADS, N_STORAGE = C["embed_dim"], C["depth"], C["num_heads"], C["n_storage_tokens"]
 for k in ["patch_size", "embed_dim", "depth", "num_heads", "ffn_ratio", "ffn_layer", "n_storage_tokens",
           "layerscale_init", "norm_layer", "mask_k_bias", "pos_embed_rope_base", "pos_embed_rope_rescale_coords"]:
     print(f"{k:31s} {C[k]}")
 
-# %% [markdown]
+# %% [markdown] skip
 # Each part is built with the **official attribute names** (`patch_embed`, `cls_token`, `storage_tokens`,
 # `mask_token`, `rope_embed`, `blocks`, `norm`), so the state dict of this bag of parts has exactly the keys
 # of the full model. Then we overwrite *every* parameter with seeded noise N(0, 0.1): with the official init
 # (LayerScale γ = 1e-5, zero mask token) a wrong wiring inside the blocks would hardly change the output, so
 # a comparison would prove little.
 
-# %%
+# %% skip
 norm_layer = partial(nn.LayerNorm, eps=1e-5)  # "layernormbf16" in the official code: a plain LayerNorm, eps 1e-5
 
 parts = nn.Module()
@@ -109,11 +110,11 @@ with torch.no_grad():
 parts = parts.to(DEVICE)
 print(f"{count_params(parts):,} parameters in {len(parts.state_dict())} state-dict entries")
 
-# %% [markdown]
+# %% [markdown] slide
 # The input: the sample photo at 128 × 192 pixels, and its mirror image (B = 2). A non-square input (8 × 12 patches)
 # makes the row-major order visible in the shapes.
 
-# %%
+# %% hide-input
 B = 2
 photo_small = viz.load_photo((128, 192))  # (3, 128, 192) in [0, 1]
 img = viz.normalize(torch.stack([photo_small, photo_small.flip(-1)])).to(DEVICE)
@@ -140,11 +141,11 @@ with torch.no_grad():
 for k, v in mine.items():
     print(f"{k:22s} {tuple(v.shape)}")
 
-# %% [markdown]
+# %% [markdown] slide
 # Now the library model: load the parts' state dict with `strict=True` (it only works because every name
 # matches) and compare all four outputs.
 
-# %%
+# %% hide-input
 model_r = hub.dinov3_vittiny16().eval()  # "_r": random weights
 result = model_r.load_state_dict(parts.state_dict(), strict=True)
 model_r = model_r.to(DEVICE)
@@ -156,24 +157,21 @@ for k in mine:
 print("our assembly == dinolab.vit.DinoVisionTransformer.forward_features: all 4 outputs match")
 print("output keys:", list(ref))
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. The token layout: cls, 4 storage tokens, patches — and the mask token
 #
-# * **`cls_token`** `(1, 1, D)` at index 0: the image-level token. The DINO loss (notebook 05) and the
-#   classifiers (notebook 12) read it.
-# * **`storage_tokens`** `(1, 4, D)` at indices 1–4: the "registers" of *Vision Transformers Need Registers*
-#   (Darcet et al., 2024). They take part in attention but no loss reads them; they give the network somewhere
-#   to keep global information, instead of hijacking a few background patch tokens (the high-norm artefacts
-#   of DINOv2 without registers). Official name: `storage_tokens`; transformers: `register_tokens`.
-# * **patch tokens** from index **5 = 1 + n_storage** on, row-major. Only these get RoPE: in `SelfAttention`
-#   the first `N − h·w` tokens are left unrotated (`dinov3/layers/attention.py`), because they have no position.
-#   There is no learned absolute position embedding at all.
+# The sequence is `[cls, 4 storage tokens, patches]`, patches from index 5, row-major, and only they get RoPE: the
+# layout is drawn, with its indices, in [notebook 00](00_dino_v1_v2_v3.ipynb), section 3. What the model adds:
+#
+# * the parameters: **`cls_token`** `(1, 1, D)` (read by the DINO loss, notebook 05, and the classifiers, notebook 12)
+#   and **`storage_tokens`** `(1, 4, D)`, the registers of *Vision Transformers Need Registers* (Darcet et al.,
+#   ICLR 2024; transformers calls them `register_tokens`): attended to, read by no loss;
 # * **`mask_token`** `(1, D)`, zero at init: `forward_features(x, masks)` with a boolean `masks` of shape
 #   `(B, h·w)` replaces the masked patch embeddings by this one learned vector *before* the blocks
 #   (`torch.where(masks.unsqueeze(-1), mask_token, x)`). The student solves iBOT's masked-patch task on such
 #   inputs (notebook 05). cls and storage tokens are never masked.
 
-# %%
+# %% skip
 def token_index(r: int, c: int, w: int, n_storage: int = N_STORAGE) -> int:
     """Sequence index of the patch in row r, column c of a grid w patches wide."""
     return 1 + n_storage + r * w + c
@@ -197,57 +195,57 @@ assert torch.equal(tok[1], tok_plain[1]) and torch.equal(tok[0, :5], tok_plain[0
 print("masked positions hold mask_token; cls/storage and the unmasked image are untouched")
 print("forward_features(..., masks=masks)['masks'] is the tensor passed in:", out_masked["masks"] is masks)
 
-# %% [markdown]
+# %% [markdown] notes
 # The figure draws image 0: each patch is labelled with its token index (dark = masked), and the sequence the
 # blocks see is drawn beside it.
 
-# %%
+# %% slide hide-input
 hs, ws = h, w
 mask_small = masks[0].view(hs, ws).cpu()
 
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4), dpi=80, gridspec_kw={"width_ratios": [1.1, 1]})
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12.8, 5.2), gridspec_kw={"width_ratios": [1.1, 1]})
 shown = photo_small.clone()
 for r, c in mask_small.nonzero().tolist():
     shown[:, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] *= 0.25
 viz.draw_patch_grid(ax0, shown, title="patches: token index (dark = masked)")
 for r in range(hs):
     for c in range(ws):
-        ax0.text(c * 16 + 8, r * 16 + 8, str(token_index(r, c, ws)), ha="center", va="center", fontsize=7,
+        ax0.text(c * 16 + 8, r * 16 + 8, str(token_index(r, c, ws)), ha="center", va="center", fontsize=10,
                  color="white" if mask_small[r, c] else "black",
                  bbox=None if mask_small[r, c] else dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.75))
 
-seq = [(0, "cls", "tab:red")] + [(i, f"s{i - 1}", "tab:orange") for i in range(1, 5)]
-seq += [(token_index(0, c, ws), None, "tab:blue") for c in range(6)] + [(None, "…", "white")]
-seq += [(token_index(r, c, ws), None, "tab:blue") for r, c in [(2, 4), (2, 5)]] + [(None, "…", "white")]
-seq += [(token_index(hs - 1, c, ws), None, "tab:blue") for c in (ws - 2, ws - 1)]
+seq = [(0, "cls", viz.COLORS[3])] + [(i, f"s{i - 1}", viz.COLORS[4]) for i in range(1, 5)]
+seq += [(token_index(0, c, ws), None, viz.COLORS[0]) for c in range(6)] + [(None, "…", "white")]
+seq += [(token_index(r, c, ws), None, viz.COLORS[0]) for r, c in [(2, 4), (2, 5)]] + [(None, "…", "white")]
+seq += [(token_index(hs - 1, c, ws), None, viz.COLORS[0]) for c in (ws - 2, ws - 1)]
 for j, (idx, label, color) in enumerate(seq):
     masked = idx is not None and idx >= 5 and bool(mask_small.flatten()[idx - 5])
     ax1.add_patch(plt.Rectangle((j, 0), 0.9, 0.9, fc="0.25" if masked else color, ec="k", lw=0.5))
     text = "M" if masked else (label or "p")
-    ax1.text(j + 0.45, 0.45, text, ha="center", va="center", fontsize=8, color="white" if color != "white" else "k")
+    ax1.text(j + 0.45, 0.45, text, ha="center", va="center", fontsize=11, color="white" if color != "white" else "k")
     if idx is not None:
-        ax1.text(j + 0.45, -0.3, str(idx), ha="center", va="center", fontsize=7)
+        ax1.text(j + 0.45, -0.3, str(idx), ha="center", va="center", fontsize=10)
 ax1.annotate("", xy=(0, 1.25), xytext=(5, 1.25), arrowprops=dict(arrowstyle="<->", lw=0.8))
-ax1.text(2.5, 1.45, "cls + 4 storage:\nno position, no RoPE", ha="center", fontsize=8)
+ax1.text(2.5, 1.45, "cls + 4 storage:\nno position, no RoPE", ha="center", fontsize=11)
 ax1.annotate("", xy=(5, 1.25), xytext=(len(seq), 1.25), arrowprops=dict(arrowstyle="<->", lw=0.8))
-ax1.text(5 + (len(seq) - 5) / 2, 1.45, f"{hs * ws} patch tokens, row-major:\nRoPE rotates their q and k", ha="center", fontsize=8)
+ax1.text(5 + (len(seq) - 5) / 2, 1.45, f"{hs * ws} patch tokens, row-major:\nRoPE rotates their q and k", ha="center", fontsize=11)
 ax1.text(0, -1.1, "M = patch embedding replaced by mask_token (iBOT input)\n"
-         f"the blocks see 1 + {N_STORAGE} + {hs}·{ws} = {1 + N_STORAGE + hs * ws} tokens", fontsize=8, va="top")
+         f"the blocks see 1 + {N_STORAGE} + {hs}·{ws} = {1 + N_STORAGE + hs * ws} tokens", fontsize=11, va="top")
 ax1.set_xlim(-0.3, len(seq) + 0.2)
 ax1.set_ylim(-2.0, 2.3)
 ax1.axis("off")
-ax1.set_title("the sequence (index below each token)", fontsize=9)
+ax1.set_title("the sequence (index below each token)")
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. Outputs: `forward_features`, `forward`, `get_intermediate_layers`
 #
 # `forward_features(x)` returns a dict (a list of dicts for a list of crops, as in training);
 # `forward(x)` returns `head(x_norm_clstoken)` with `head = nn.Identity()`, i.e. the normed CLS token.
 # Only `x_prenorm` is before the final norm.
 
-# %%
+# %% hide-input
 def shape_of(v):
     return tuple(v.shape) if torch.is_tensor(v) else v
 
@@ -268,7 +266,7 @@ torch.testing.assert_close(model_r.norm(ff["x_prenorm"]),
                            torch.cat([ff["x_norm_clstoken"][:, None], ff["x_storage_tokens"], ff["x_norm_patchtokens"]], 1))
 print("forward == x_norm_clstoken;  norm(x_prenorm) == [cls, storage, patches]")
 
-# %% [markdown]
+# %% [markdown] skip
 # `get_intermediate_layers(x, n=..., reshape=..., return_class_token=..., return_extra_tokens=..., norm=...)` is
 # what every dense eval calls (`dinov3/eval/segmentation`, `depth`, `detection`, the adapter):
 #
@@ -278,7 +276,7 @@ print("forward == x_norm_clstoken;  norm(x_prenorm) == [cls, storage, patches]")
 # * `return_class_token` / `return_extra_tokens` add the cls `(B, D)` and storage `(B, 4, D)` tokens: each entry
 #   becomes a tuple `(patches, cls[, storage])`.
 
-# %%
+# %% skip
 with torch.no_grad():
     last4 = model_r.get_intermediate_layers(img, n=4)
     picked = model_r.get_intermediate_layers(img, n=[1, 3, 5], reshape=True)
@@ -300,14 +298,14 @@ torch.testing.assert_close(picked[2], last4[-1].reshape(B, h, w, D).permute(0, 3
 torch.testing.assert_close(picked[1], last4[1].reshape(B, h, w, D).permute(0, 3, 1, 2))  # block 3 in both
 print("checks: last layer == forward_features; norm=False == x_prenorm; reshape == permute of (B, h, w, D)")
 
-# %% [markdown]
+# %% [markdown] slide
 # **Which layers do the official evals take?** `dinov3/eval/segmentation/models/__init__.py::_get_backbone_out_indices`
 # (`FOUR_EVEN_INTERVALS`) takes `[i·(depth//4) − 1 for i = 1..4]`, except for 24 blocks, where it uses
 # `[4, 11, 17, 23]` ("used in the paper"). The detection backbone (`dinov3/eval/detection/models/backbone.py`)
 # uses the plain formula for every depth; the released 7B depth head (`dinov3/hub/depthers.py`) and the
 # adapter's default (`interaction_indexes`) are `[9, 19, 29, 39]`. Computed for each released depth:
 
-# %%
+# %% hide-input
 def seg_out_indices(depth: int) -> list[int]:
     """FOUR_EVEN_INTERVALS of the official segmentation eval."""
     return [4, 11, 17, 23] if depth == 24 else [i * (depth // 4) - 1 for i in range(1, 5)]
@@ -325,20 +323,16 @@ display(Markdown("\n".join(rows)))
 assert seg_out_indices(12) == [2, 5, 8, 11] and seg_out_indices(24) == [4, 11, 17, 23]
 assert seg_out_indices(40) == [9, 19, 29, 39] == det_out_indices(40)
 
-# %% [markdown]
-# ## 4. The seven released configurations, side by side
+# %% [markdown] slide
+# ## 4. The seven released configurations: what a checkpoint holds
 #
-# `hub.build(name, device="meta")` builds a model whose tensors have shapes but no storage, so even the 6.7 B
-# model costs nothing. Parameter counts and state-dict keys are read off those models; FLOPs come from
-# `torch.utils.flop_counter` running a forward pass on meta tensors at 224 × 224 (on meta, attention is decomposed
-# into matmuls, which the counter sees; on the CPU the fused attention kernel is not counted). Memory = parameters ×
-# 4 bytes (fp32) or × 2 bytes (bf16): the weights alone, no activations.
-# The official numbers (reference: `dinov3/hub/backbones.py`, README) are asserted.
+# Their widths, depths, FFNs, parameter counts (asserted equal to the official ones) and FLOPs are computed in
+# [notebook 00](00_dino_v1_v2_v3.ipynb), sections 4–5. Here, what loading one means: how many state-dict keys a
+# checkpoint has (asserted equal to the official checkpoints') and what its weights cost in memory, read off models
+# built with `hub.build(name, device="meta")` (shapes, no storage: even the 6.7 B model costs nothing).
+# Memory = parameters × 4 bytes (fp32) or × 2 bytes (bf16): the weights alone, no activations.
 
-# %%
-OFFICIAL_PARAMS = {"dinov3_vits16": 21_601_152, "dinov3_vits16plus": 28_697_472, "dinov3_vitb16": 85_669_632,
-                   "dinov3_vitl16": 303_154_176, "dinov3_vitl16plus": 403_915_776,
-                   "dinov3_vith16plus": 840_633_600, "dinov3_vit7b16": 6_716_043_264}
+# %% hide-input
 OFFICIAL_KEYS = {"dinov3_vits16": 188, "dinov3_vits16plus": 212, "dinov3_vitb16": 188, "dinov3_vitl16": 368,
                  "dinov3_vitl16plus": 416, "dinov3_vith16plus": 552, "dinov3_vit7b16": 610}
 
@@ -347,32 +341,20 @@ def human_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def gflops(model, size=224, batch=1) -> float:
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(torch.empty(batch, 3, size, size, device="meta"))
-    return fc.get_total_flops() / 1e9
-
-
-rows = ["| model | D | depth | heads | D_head | FFN (hidden) | qkv bias | params | keys | fp32 | bf16 | GFLOPs @224 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+rows = ["| model | FFN | qkv bias | parameters | state-dict keys | fp32 | bf16 |", "|---|---|---|---|---|---|---|"]
 table = {}
 for name in [*hub.RELEASED, "dinov3_vittiny16"]:
     m = hub.build(name, device="meta").eval()
-    cfg = hub.CONFIGS[name]
-    mlp = m.blocks[0].mlp
-    hidden = mlp.fc1.out_features if hasattr(mlp, "fc1") else mlp.w1.out_features
     n_par, n_keys = count_params(m), len(m.state_dict())
-    table[name] = dict(params=n_par, keys=n_keys, gflops=gflops(m))
-    rows.append(f"| `{name}` | {m.embed_dim} | {m.n_blocks} | {m.num_heads} | {m.embed_dim // m.num_heads} | "
-                f"{cfg['ffn_layer']} ({hidden}) | {m.blocks[0].attn.qkv.bias is not None} | {n_par:,} | {n_keys} | "
-                f"{human_bytes(4 * n_par)} | {human_bytes(2 * n_par)} | {table[name]['gflops']:.1f} |")
+    table[name] = dict(params=n_par, keys=n_keys)
+    rows.append(f"| `{name}` | {hub.CONFIGS[name]['ffn_layer']} | {m.blocks[0].attn.qkv.bias is not None} | "
+                f"{n_par:,} | {n_keys} | {human_bytes(4 * n_par)} | {human_bytes(2 * n_par)} |")
 display(Markdown("\n".join(rows)))
 for name in hub.RELEASED:
-    assert table[name]["params"] == OFFICIAL_PARAMS[name], name
     assert table[name]["keys"] == OFFICIAL_KEYS[name], name
-print("parameter counts and state-dict key counts equal the official ones for all 7 released models")
+print("state-dict key counts equal the official ones for all 7 released models")
 
-# %% [markdown]
+# %% [markdown] notes
 # How to read it:
 # * The "+" models swap the GELU MLP (`fc1`, `fc2`) for **SwiGLU** (`w1`, `w2`, `w3`, hidden = 2/3 · ratio · D rounded
 #   up to a multiple of 8): one more matrix per block, so 2 more keys (weight, bias) per block: ViT-S+ has
@@ -381,25 +363,15 @@ print("parameter counts and state-dict key counts equal the official ones for al
 #   and an extra `local_cls_norm` used only on local crops in training.
 # * A ViT-L holds 0.3 B parameters, about 1.1 GiB in fp32; the 7B needs 12.5 GiB for its weights even in bf16.
 # * `dinov3_vittiny16` is **not** an official model: it is our CPU-sized config for notebook 05.
-#
-# Sanity check of the FLOP counter against the formula for one transformer at N tokens:
-# 2·N·(weights of the Linear layers) + 2·2·N²·D per block (q·kᵀ and attention·v) + the patch conv.
 
-# %%
-m = hub.build("dinov3_vitl16", device="meta")
-N_tok, n_patch = 1 + 4 + 14 * 14, 14 * 14
-linear_w = sum(mod.weight.numel() for mod in m.blocks.modules() if isinstance(mod, nn.Linear))
-formula = 2 * N_tok * linear_w + 4 * N_tok**2 * m.embed_dim * m.n_blocks + 2 * n_patch * m.patch_embed.proj.weight.numel()
-print(f"ViT-L/16 @224: counter {table['dinov3_vitl16']['gflops']:.2f} GFLOPs, formula {formula / 1e9:.2f} GFLOPs")
-assert abs(formula / 1e9 - table["dinov3_vitl16"]["gflops"]) < 1e-6 * formula
-
-# %% [markdown]
+# %% [markdown] skip
 # ### The full tensor flow of ViT-L at 512 × 512, batch 4
 #
-# This is the backbone part of the seed's "完整的张量流维度跟踪" (B = 4, 512², ViT-L, D = 1024), made by
+# This is the backbone part of the blog post's "完整的张量流维度跟踪" (full tensor-flow shape trace: B = 4, 512², ViT-L,
+# D = 1024) that this series started from ([notebook 00](00_dino_v1_v2_v3.ipynb)), made by
 # `dinolab.trace` with hooks on every module down to depth 3, on the meta device.
 
-# %%
+# %% skip
 vitl = hub.build("dinov3_vitl16", device="meta").eval()
 x_meta = torch.empty(4, 3, 512, 512, device="meta")
 with FlopCounterMode(display=False) as fc:
@@ -407,13 +379,13 @@ with FlopCounterMode(display=False) as fc:
 print(flow)
 print(f"\n{fc.get_total_flops() / 1e12:.2f} TFLOPs for the batch of 4 at 512x512")
 
-# %% [markdown]
+# %% [markdown] skip
 # Inside `attn` (not modules, so not in the table): the fused `qkv` output `[4, 1029, 3072]` is read as
 # `(B, N, 3, heads, D_head)` and split into q, k, v of shape `[4, 16, 1029, 64]`; RoPE rotates rows 5…1028 of q and
 # k; attention weights would be `[4, 16, 1029, 1029]`. The dense heads take 4 intermediate layers; here are
-# their shapes (the seed's "[4, 1024, 1024]" is the un-reshaped patch tokens of one layer):
+# their shapes (the blog post's "[4, 1024, 1024]" is the un-reshaped patch tokens of one layer):
 
-# %%
+# %% skip
 B4, N_l, heads_l = 4, 1 + 4 + 32 * 32, vitl.num_heads
 print(f"q, k, v          [{B4}, {heads_l}, {N_l}, {vitl.embed_dim // heads_l}]")
 print(f"attention matrix [{B4}, {heads_l}, {N_l}, {N_l}] = {human_bytes(4 * B4 * heads_l * N_l**2)} per block in fp32 "
@@ -426,7 +398,7 @@ print(f"  reshape=False              -> {len(flat)} x {list(flat[0].shape)}")
 print(f"  reshape=True               -> {len(maps)} x {list(maps[0].shape)}")
 print(f"  return_class_token=True    -> {len(layers)} x ({list(layers[0][0].shape)}, {list(layers[0][1].shape)})")
 
-# %% [markdown]
+# %% [markdown] skip
 # ### torchinfo summary of the tiny model
 #
 # `torchinfo` runs one forward pass with hooks, like `dinolab.trace` (we build a fresh, seeded model for each
@@ -434,7 +406,7 @@ print(f"  return_class_token=True    -> {len(layers)} x ({list(layers[0][0].shap
 # transformers: it multiplies a Linear's weights by the batch size only, not by the number of tokens (checked
 # below), so it is about N times too small. Use the FLOP counter above instead.
 
-# %%
+# %% skip
 import torchinfo
 
 def tiny_summary():
@@ -453,7 +425,7 @@ print(f"torchinfo mult-adds of one fc1: {fc1.macs:,} = its parameter count {fc1.
       f"true: {fc1_w:,} weights x 201 tokens = {fc1_w * 201:,}")
 assert fc1.macs == fc1.num_params
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 5. Loading weights: transformers folders, official `.pth`, and their key mapping
 #
 # Official checkpoints (`dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth`, …) and the transformers port
@@ -465,7 +437,7 @@ assert fc1.macs == fc1.num_params
 # We test this on a tiny transformers `DINOv3ViTModel` with every parameter randomised, saved with
 # `save_pretrained` to a temporary folder: `config.json` + `model.safetensors`, the layout of a hub download.
 
-# %%
+# %% hide-input
 import transformers
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
@@ -499,17 +471,17 @@ print("the official-layout .pth gives the same model")
 print("inferred:", {k: weights.infer_config(weights.hf_to_official(hf.state_dict()), hf_cfg.to_dict())[k]
                     for k in ("embed_dim", "depth", "num_heads", "ffn_layer", "n_storage_tokens", "mask_k_bias")})
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 # the exact difference depends on the CPU's float arithmetic, so this cell's output is not compared
 print(f"max |ours - transformers| = {diff:.1e} (float32 rounding)")
 
-# %% [markdown]
+# %% [markdown] skip
 # **The key mapping for one block**, computed, not typed: we convert the real transformers keys with
 # `hf_to_official` and, for each official tensor, find which transformers tensor (or which third of it) holds the
 # same numbers.
 
-# %%
+# %% skip
 hf_sd = hf.state_dict()
 off_sd = weights.hf_to_official(hf_sd)
 
@@ -544,15 +516,17 @@ rows.append(f"| `rope_embed.periods` | `{tuple(ours.rope_embed.periods.shape)}` 
 display(Markdown("\n".join(rows)))
 assert all(sources(k) != "—" for k in off_sd)
 
-# %% [markdown]
-# Two differences matter when you compare numbers: the official k bias is **masked to zero** by the `bias_mask`
-# buffer (a bias on k adds the same constant to every logit of a query row, which softmax ignores), so transformers
-# simply has no `k_proj.bias`; and `mask_token` is `(1, D)` officially but `(1, 1, D)` in transformers.
+# %% [markdown] slide
+# Two differences matter when you compare numbers. transformers has no `k_proj.bias`: it can drop it because the
+# official k bias is **masked to zero** by the `bias_mask` buffer (and in the released non-7B checkpoints the whole qkv
+# bias is zero, [notebook 03](03_attention_and_blocks.ipynb) section 4), not because a k bias would do nothing — under
+# RoPE, k is rotated *after* the bias, so a k bias would be a position-dependent term (notebook 03 shows it). And
+# `mask_token` is `(1, D)` officially but `(1, 1, D)` in transformers.
 #
 # **A bad checkpoint** never half-loads: `load_into` checks everything first and raises one `CheckpointError`
 # listing every missing, unexpected and mis-shaped key; the model is left exactly as it was.
 
-# %%
+# %% hide-input
 target = hub.dinov3_vittiny16()
 before = {k: v.clone() for k, v in target.state_dict().items()}
 bad = {k: v + 1 for k, v in target.state_dict().items()}
@@ -567,7 +541,7 @@ unchanged = all(torch.equal(before[k], v) for k, v in target.state_dict().items(
 print("model unchanged:", unchanged)
 assert unchanged
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 6. Features: the model at hand
 #
 # From here on we look at features, with the best weights available:
@@ -579,7 +553,7 @@ assert unchanged
 #    (used here once it exists);
 # 3. else `dinov3_vittiny16` with its official random initialisation (what CI runs).
 
-# %%
+# %% skip
 def repo_root() -> Path:
     here = Path.cwd().resolve()
     return next((p for p in [here, *here.parents] if (p / "dinolab").is_dir()), here)
@@ -605,7 +579,7 @@ RANDOM = SOURCE == "random init"
 print(f"model: D={model.embed_dim}, depth={model.n_blocks}, heads={model.num_heads}, "
       f"storage tokens={model.n_storage_tokens}, {count_params(model):,} parameters")
 
-# %%
+# %% skip
 photo = viz.load_photo(448)  # grace_hopper.jpg from matplotlib: 448x448 -> 28x28 patches
 x_photo = viz.normalize(photo)[None].to(DEVICE)  # ImageNet (LVD-1689M) mean/std; SAT-493M models use other stats
 with torch.no_grad():
@@ -616,15 +590,15 @@ with torch.no_grad():
 gh, gw = 448 // model.patch_size, 448 // model.patch_size
 print("photo", tuple(photo.shape), "-> tokens", tuple(feats["x_prenorm"].shape), f"({gh}x{gw} patches)")
 
-# %% [markdown]
+# %% [markdown] skip
 # **Token norms.** In trained ViTs with registers, the register (storage) tokens typically end up with norms unlike
-# those of the patch tokens: they are where the network keeps global information (Darcet et al., 2024). Set
+# those of the patch tokens: they are where the network keeps global information (Darcet et al., ICLR 2024). Set
 # `DINOV3_WEIGHTS` to see it in DINOv3. At random init nothing of the sort can happen yet: the blocks start almost as
 # the identity (each residual branch is scaled by LayerScale γ = 1e-5), so every token leaves the network almost as it
 # entered: cls and storage tokens with their N(0, 0.02) init, patch tokens with their linear patch embedding.
 # The numbers below are the unnormed residual stream (`norm=False`) after each block, for the model at hand.
 
-# %%
+# %% skip
 n_s = model.n_storage_tokens
 norm_rows = []
 for i, (pt, ct, st) in enumerate(per_layer):
@@ -639,20 +613,20 @@ print(f"relative change of the tokens through all {model.n_blocks} blocks: {chan
 if RANDOM:
     assert change < 1e-3  # LayerScale 1e-5: the random network is almost the identity
 
-# %%
-fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+# %% skip
+fig, ax = plt.subplots(figsize=(10, 4.6))
 colors = ["tab:red"] + [plt.cm.Oranges(0.4 + 0.15 * j) for j in range(n_s)] + ["tab:blue"]
 for j, lab in enumerate(labels):
     ax.plot(range(len(norms)), norms[:, j], marker="o", ms=3, color=colors[j], label=lab)
 ax.set_yscale("log")
 ax.set_xlabel("block")
 ax.set_ylabel("token norm (pre-norm)")
-ax.set_title(f"token norms per block — {SOURCE}", fontsize=9)
-ax.legend(fontsize=7, ncol=2)
+ax.set_title(f"token norms per block — {SOURCE}")
+ax.legend(fontsize=11, ncol=2)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # **PCA maps.** Project the normed patch tokens on their first three principal components and show them as RGB
 # (`viz.pca_rgb`). For comparison, the same PCA on the raw 16 × 16 × 3 pixel patches. With the random model the two
 # maps look alike: its features are (almost) a linear function of the pixels, so the PCA shows colour, brightness
@@ -660,7 +634,7 @@ plt.show()
 # (face, cap, uniform, flag), whatever their colour, which the pixel PCA cannot do. The tiny checkpoint of notebook 05
 # has only seen ShapesWorld scenes at 96 px, so expect much less from it on a photo.
 
-# %%
+# %% slide hide-input
 pixel_patches = photo.unfold(1, 16, 16).unfold(2, 16, 16)  # (3, 28, 28, 16, 16)
 pixel_patches = pixel_patches.permute(1, 2, 0, 3, 4).reshape(gh * gw, -1)  # (784, 768)
 pca_pixels = viz.pca_rgb(pixel_patches).reshape(gh, gw, 3)
@@ -668,27 +642,27 @@ pca_feats = viz.pca_rgb(feats["x_norm_patchtokens"][0].cpu()).reshape(gh, gw, 3)
 print("pixel patches", tuple(pixel_patches.shape), "-> PCA", tuple(pca_pixels.shape))
 print("patch features", tuple(feats["x_norm_patchtokens"][0].shape), "-> PCA", tuple(pca_feats.shape))
 
-fig, axes = plt.subplots(1, 3, figsize=(9, 3.2), dpi=80)
+fig, axes = plt.subplots(1, 3, figsize=(12.8, 4.8))
 axes[0].imshow(viz.to_numpy_image(photo))
-axes[0].set_title("photo (448 x 448)", fontsize=9)
+axes[0].set_title("photo (448 x 448)")
 axes[1].imshow(pca_pixels.numpy())
-axes[1].set_title("PCA of raw pixel patches", fontsize=9)
+axes[1].set_title("PCA of raw pixel patches")
 axes[2].imshow(pca_feats.numpy())
-axes[2].set_title(f"PCA of patch features\n({SOURCE})", fontsize=9)
+axes[2].set_title(f"PCA of patch features\n({SOURCE})")
 for a in axes:
     a.axis("off")
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] skip
 # ## 7. Summary
 #
 # The shape table of the tiny model at 224 × 224 (from `dinolab.trace`):
 
-# %%
+# %% skip
 print(trace.trace(hub.dinov3_vittiny16(device="meta").eval(), torch.empty(1, 3, 224, 224, device="meta")))
 
-# %% [markdown]
+# %% [markdown] slide
 # **What to remember**
 #
 # * DINOv3's ViT = `PatchEmbed` (16×16 conv) → `[cls, 4 storage, h·w patches]` → `depth` pre-norm blocks with RoPE
@@ -704,7 +678,8 @@ print(trace.trace(hub.dinov3_vittiny16(device="meta").eval(), torch.empty(1, 3, 
 #   k bias and in the mask token's shape; `dinolab.weights.load_backbone` reads both and refuses a bad checkpoint
 #   without touching the model.
 # * A randomly initialised DINOv3 is nearly the identity (LayerScale 1e-5): its "features" are its patch embedding.
-#
+
+# %% [markdown] skip
 # **Exercises**
 #
 # 1. Build `dinov3_vits16plus` and `dinov3_vits16` on the meta device and list the state-dict keys one has and the

@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 06 · The Spatial Prior Module: a conv stem beside the ViT
 #
 # A DINOv3 ViT sees an image as 16 × 16 patches: its finest feature map has **stride 16** (a 32 × 32 grid at
@@ -7,13 +7,14 @@
 # 2023) gets the missing fine levels from a small ResNet-like **conv stem**, the *Spatial Prior Module* (SPM). It
 # sees the full-resolution pixels and produces `c1..c4` at strides 4/8/16/32; notebook 08 shows how the adapter then
 # lets these tokens read the frozen ViT.
-#
+
+# %% [markdown] notes
 # You will:
 #
 # 1. **build the SPM from primitives** (conv–BN–ReLU ×3 + max-pool → stride 4; three stride-2 convs → 8/16/32;
 #    1 × 1 projections to the ViT width D), print every shape, and check it against `dinolab.adapter.SpatialPriorModule`
 #    with copied weights;
-# 2. compute its **shape table** at the seed's setting (batch 4, 512 × 512, ViT-L, D = 1024) on the `meta` device,
+# 2. compute its **shape table** at the blog post's setting (batch 4, 512 × 512, ViT-L, D = 1024) on the `meta` device,
 #    its **parameter count** and **FLOPs** for every released DINOv3 size, and the **receptive field** and
 #    **effective stride** of each level, and check the receptive field with gradients;
 # 3. **measure what a conv prior sees that 16 × 16 patches do not**: small objects that no per-patch label can
@@ -22,14 +23,14 @@
 #
 # Expected run time: about 15 s on 2 CPU cores.
 
-# %%
+# %% skip
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("06")))
 
-# %%
+# %% skip
 import copy
 import json
 
@@ -51,13 +52,13 @@ from dinolab.weights import tiny_checkpoint
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a reader with a GPU can raise this: more images in the read-out experiment (section 6)
-plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 torch.set_printoptions(precision=4, sci_mode=False)
 print("device type:", DEVICE.type)
 
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. The layers
 #
 # The official SPM (class `SpatialPriorModule` in `dinov3_adapter.py`) is four stages and four projections. Every
@@ -75,7 +76,7 @@ CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 # `BatchNorm2d`, which we use. The width 64 is the adapter's `conv_inplane`. We write our own module with names
 # that say what each part does; section 2 maps them onto the official names.
 
-# %%
+# %% skip
 class ConvBNReLU(nn.Module):
     """3×3 conv (no bias) → BatchNorm → ReLU: the SPM's only building block."""
 
@@ -142,21 +143,21 @@ print("the photo, normalised:", list(x_photo.shape))
 with torch.no_grad():
     c1, c2, c3, c4 = my_spm(x_photo, verbose=True)
 
-# %% [markdown]
+# %% [markdown] slide
 # Every stride-2 layer halves the side: 256 → 128 (first conv) → 64 (max-pool) = **stride 4**, then 32, 16, 8.
 # Channels grow 64 → 128 → 256 → 256 while the grid shrinks, and the 1 × 1 projections bring every level to the
 # ViT's width D so the adapter can add and mix them with ViT tokens. Note the asymmetry the official code keeps:
 # **c1 stays a map** `[B, D, H/4, W/4]`, while c2, c3, c4 become **tokens** `[B, h·w, D]` — together
 # `HW/64 + HW/256 + HW/1024 = 21·HW/1024` tokens, the queries of the adapter's deformable attention (notebook 08).
 
-# %%
+# %% hide-input
 n_tokens = c2.shape[1] + c3.shape[1] + c4.shape[1]
 print(f"SPM tokens at 256 x 256: {c2.shape[1]} + {c3.shape[1]} + {c4.shape[1]} = {n_tokens} "
       f"(= 21 * 256 * 256 / 1024 = {21 * 256 * 256 // 1024})")
 assert n_tokens == 21 * 256 * 256 // 1024
 assert c1.shape == (1, D, 64, 64) and c2.shape == (1, 32 * 32, D) and c4.shape == (1, 8 * 8, D)
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. Check it against `dinolab`
 #
 # `dinolab.adapter.SpatialPriorModule` follows the official module tree, so its state-dict keys are the official
@@ -165,7 +166,7 @@ assert c1.shape == (1, D, 64, 64) and c2.shape == (1, 32 * 32, D) and c4.shape =
 # each down-sampling stage is `convK.0` (conv) + `convK.1` (BN). We build the mapping to our names, copy the weights,
 # and give the BatchNorms random statistics and affine parameters so that the check is not trivially an identity.
 
-# %%
+# %% hide-input
 seed_everything(1)
 ref_spm = SpatialPriorModule(inplanes=64, embed_dim=D)
 for m in ref_spm.modules():  # random BN statistics and affine parameters: a real test of the mapping
@@ -198,7 +199,7 @@ print(f"  ... {len(mapping)} tensors in all")
 report = my_spm.load_state_dict({mapping[k]: v for k, v in official_sd.items()}, strict=True)
 print("load_state_dict(strict=True):", report)
 
-# %%
+# %% skip
 x = viz.normalize(ShapesWorld("val", size=128).batch(range(4))["image"])
 for mode in ("eval", "train"):
     a, b = copy.deepcopy(my_spm), copy.deepcopy(ref_spm)
@@ -211,7 +212,7 @@ for mode in ("eval", "train"):
     torch.testing.assert_close(a.stem[0].bn.running_mean, b.stem[1].running_mean)
     print(f"{mode:5s} mode: c1..c4 {[list(o.shape) for o in ours]} equal to dinolab's (assert_close passed)")
 
-# %% [markdown]
+# %% [markdown] slide
 # Two identities that must hold for any weights:
 #
 # * **token order** — c2's token `n` is pixel `(n // w, n % w)` of its map (row-major), the order the adapter's
@@ -221,7 +222,7 @@ for mode in ("eval", "train"):
 #   padding and the wrap-around of `torch.roll` reach in. A ViT cannot pass this test anywhere: its attention is
 #   global, so every token sees the changed borders. The SPM passes it by construction.
 
-# %%
+# %% hide-input
 with torch.no_grad():
     maps = my_spm.forward_maps(x)
     tok = my_spm(x)
@@ -244,14 +245,15 @@ for level, (m0, m1) in enumerate(zip(maps256, shifted), start=1):
     print(f"level {level} (stride {s:2d}): output shifted by exactly {k} cells; interior {list(a0.shape[-2:])} "
           "equal (assert passed)")
 
-# %% [markdown]
-# ## 3. The seed's setting: shapes, parameters, FLOPs
+# %% [markdown] slide
+# ## 3. The blog post's setting: shapes, parameters, FLOPs
 #
-# The seed follows a batch of 4 images of 512 × 512 through ViT-L (D = 1024). `dinolab.trace` runs the SPM on the
-# **meta device** — tensors with shapes but no data — so this table costs nothing, and checks the seed's numbers:
+# The blog post this series started from ([notebook 00](00_dino_v1_v2_v3.ipynb)) follows a batch of 4 images of
+# 512 × 512 through ViT-L (D = 1024). `dinolab.trace` runs the SPM on the **meta device** — tensors with shapes but
+# no data — so this table costs nothing, and checks the blog post's numbers:
 # c1 `[4,1024,128,128]`, c2 tokens `[4,4096,1024]`, c3 `[4,1024,1024]`, c4 `[4,256,1024]`.
 
-# %%
+# %% slide hide-input
 with torch.device("meta"):
     spm_l = SpatialPriorModule(inplanes=64, embed_dim=1024)
     x_l = torch.empty(4, 3, 512, 512)
@@ -261,12 +263,12 @@ rows = {r.name: r for r in table}
 assert rows["(model)"].output == "([4,1024,128,128], [4,4096,1024], [4,1024,1024], [4,256,1024])"
 assert rows["stem"].output == "[4,64,128,128]" and rows["conv4"].output == "[4,256,16,16]"
 
-# %% [markdown]
+# %% [markdown] slide
 # **Parameters.** Only the four 1 × 1 projections depend on D: `(64 + 128 + 256 + 256 + 4)·D` weights and biases.
 # The convs and BatchNorms are the same for every model. The table builds each released model's SPM and
 # backbone on the meta device, counts both, and checks the formula.
 
-# %%
+# %% hide-input
 conv_part = count_params(SpatialPriorModule(64, embed_dim=1)) - (64 + 128 + 256 + 256 + 4)  # the D-free part
 rows_p = []
 for name in hub.RELEASED:
@@ -282,12 +284,12 @@ for name, Dm, n_spm, n_bb in rows_p:
     print(f"{name:22s} {Dm:5d} {n_spm:12,d} {n_spm - conv_part:18,d} {n_bb:15,d} {n_spm / n_bb:12.2%}")
 spm_l_params = dict((r[0], r[2]) for r in rows_p)["dinov3_vitl16"]
 
-# %% [markdown]
+# %% [markdown] slide
 # **FLOPs.** Counted with `torch.utils.flop_counter.FlopCounterMode` (a multiply-add = 2 FLOPs) on the meta
 # device, for one 512 × 512 image. The cost sits where the resolution is: the two 64 → 64 convs at stride 2 and
 # the 64 → 1024 projection at stride 4. The ViT-L backbone is the comparison.
 
-# %%
+# %% hide-input
 def flops_by_module(model, x):
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -310,7 +312,7 @@ print(f"  {'SPM total':38s} {total_spm / 1e9:8.2f}")
 print(f"  {'ViT-L/16 backbone (forward_features)':38s} {total_vit / 1e9:8.1f}   SPM = {total_spm / total_vit:.1%} of it")
 assert total_spm < 0.05 * total_vit
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. Receptive field and effective stride
 #
 # What does one cell of each level see? For a chain of layers with kernel $k_l$ and stride $s_l$, the **jump**
@@ -322,7 +324,7 @@ assert total_spm < 0.05 * total_vit
 # layer has $p = (k-1)/2$). The function below walks the actual layers of `MySPM` (kernel, stride, padding read from
 # the modules) — nothing is typed in. The 1 × 1 projections change nothing.
 
-# %%
+# %% hide-input
 def walk(layers):
     """(receptive field, jump, centre of cell 0) after a chain of conv / pool layers."""
     r, j, start = 1, 1, 0.0
@@ -348,14 +350,14 @@ for level, r, j, start in rf_rows:
 r_p, j_p, _ = walk([patch])
 print(f"{'patch':8s} {j_p:17d} {r_p:21d} {f'{j_p}*i + {(j_p - 1) / 2:g}':>22s}   (ViT patch embedding, before attention)")
 
-# %% [markdown]
+# %% [markdown] skip
 # Check it with gradients. Which input pixels can change one output cell? On the real SPM the answer is blurred by
 # ReLUs (a dead unit passes no gradient) and the max-pool (only the maximum gets gradient), so we test the **linear
 # skeleton**: the same kernels, strides and paddings, with ReLU → identity, max-pool → average-pool of the same
 # window, BatchNorm → identity and all conv weights 1. Then every path is positive, nothing cancels, and the
 # gradient of one central cell is non-zero exactly on its receptive field.
 
-# %%
+# %% skip
 skeleton = copy.deepcopy(my_spm).eval()
 for blk in list(skeleton.stem) + list(skeleton.down):
     blk.act = nn.Identity()
@@ -375,7 +377,7 @@ for (level, r, j, start), out in zip(rf_rows, skeleton.forward_maps(x_rf)):
           f"(formula: {r} px centred on {j}*{i} + {start:g} = {j * i + start:g})")
     assert hi - lo + 1 == r and (lo + hi) / 2 == j * i + start
 
-# %% [markdown]
+# %% [markdown] notes
 # So a c1 cell summarises a **15 px** window every 4 px and a c4 cell a 71 px window every 32 px: the SPM is
 # *local*. A ViT token is the opposite: its patch embedding sees exactly its own 16 × 16 patch, and after the first
 # attention layer it can read the whole image, but it has only one vector per 16 × 16 patch. The two are
@@ -388,8 +390,8 @@ for (level, r, j, start), out in zip(rf_rows, skeleton.forward_maps(x_rf)):
 #
 # The same windows on the photo, one cell of each level:
 
-# %%
-fig, ax = plt.subplots(figsize=(4, 4))
+# %% slide hide-input
+fig, ax = plt.subplots(figsize=(6.4, 6.4))
 ax.imshow(viz.to_numpy_image(photo))
 for t in range(0, 257, 16):  # the ViT's patch grid, for scale
     ax.axhline(t - 0.5, color="white", lw=0.3, alpha=0.5)
@@ -398,13 +400,13 @@ colors = ["#e41a1c", "#ff7f00", "#4daf4a", "#377eb8"]
 for (level, r, j, start), col, (cx, cy) in zip(rf_rows, colors, [(40, 200), (88, 200), (152, 200), (128, 88)]):
     ax.add_patch(Rectangle((cx - r / 2, cy - r / 2), r, r, fill=False, ec=col, lw=2, label=f"c{level}: RF {r} px, stride {j}"))
     ax.add_patch(Rectangle((cx - j / 2, cy - j / 2), j, j, fc=col, ec=col, alpha=0.6))
-ax.legend(loc="upper right", fontsize=7, framealpha=0.85)
+ax.legend(loc="upper right", fontsize=11, framealpha=0.85)
 ax.set_title("one cell per level: receptive field (outline), cell size = stride (filled);\n"
-             "faint grid: the ViT's 16x16 patches", fontsize=9)
+             "faint grid: the ViT's 16x16 patches", fontsize=12)
 ax.set_xticks([]), ax.set_yticks([])
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 5. What a stride-4 grid keeps that a stride-16 grid loses
 #
 # **(a) Small objects.** ShapesWorld objects far from the camera are only a few pixels wide. Even a *perfect*
@@ -413,7 +415,7 @@ plt.show()
 # (the majority label of each cell, upsampled), against the true mask, over 256 validation images. An object is
 # "lost" when its class appears nowhere inside its box on the label map.
 
-# %%
+# %% skip
 def best_labels(mask, s):
     """The best one-label-per-cell map at stride s (majority vote per s x s cell), upsampled back: [B, H, W]."""
     votes = F.avg_pool2d(F.one_hot(mask, NUM_CLASSES).permute(0, 3, 1, 2).float(), s)
@@ -445,11 +447,11 @@ for s in (4, 8, 16, 32):
     print(f"{s:6d} {f'{128 // s}x{128 // s}':>8s} {oracle[s][0]:10.3f} {oracle[s][1]:23.3f} {oracle[s][2]:13.1%}")
 assert oracle[4][0] > oracle[16][0] + 0.15 and oracle[16][2] > 3 * oracle[4][2]
 
-# %% [markdown]
+# %% [markdown] slide
 # A crowded scene makes it visible. We pick, among the first 64 validation scenes with 6–10 objects, the one where
 # the stride-16 map loses the most objects:
 
-# %%
+# %% hide-input
 crowd = ShapesWorld("val", size=128, n_objects=(6, 10)).batch(range(64))
 lost16 = [lost_objects(best_labels(crowd["mask"][i:i + 1], 16), crowd["boxes"][i:i + 1],
                        crowd["box_labels"][i:i + 1])[0] for i in range(64)]
@@ -463,18 +465,18 @@ lost_here = [(b, c) for b, c in bxs if not (best16[b[1]:b[3], b[0]:b[2]] == c).a
 zx = int(max(0, min(128 - 40, (x0 + x1) / 2 - 20))) // 4 * 4  # a 40x40 crop aligned to the 4 px grid
 zy = int(max(0, min(128 - 40, (y0 + y1) / 2 - 20))) // 4 * 4
 
-fig, axes = plt.subplots(1, 5, figsize=(10, 2.4))
+fig, axes = plt.subplots(1, 5, figsize=(12.8, 3.4))
 viz.draw_patch_grid(axes[0], img, patch=16, title=f"scene {k}, 16 px patches")
 axes[0].add_patch(Rectangle((zx - 0.5, zy - 0.5), 40, 40, fill=False, ec="yellow", lw=1.2))
 axes[1].imshow(viz.to_numpy_image(img[:, zy:zy + 40, zx:zx + 40]))
 for t in range(0, 41, 4):
     axes[1].axvline(t - 0.5, color="white" if (zx + t) % 16 == 0 else "0.75", lw=1.4 if (zx + t) % 16 == 0 else 0.4)
     axes[1].axhline(t - 0.5, color="white" if (zy + t) % 16 == 0 else "0.75", lw=1.4 if (zy + t) % 16 == 0 else 0.4)
-axes[1].set_title("zoom: 16 px vs 4 px grid", fontsize=9)
+axes[1].set_title("zoom: 16 px vs 4 px grid", fontsize=11)
 for ax, lab, title in [(axes[2], m, "true mask"), (axes[3], best16, "best label per 16x16 cell"),
                        (axes[4], best_labels(m[None], 4)[0], "best label per 4x4 cell")]:
     ax.imshow(MASK_COLORS[lab].numpy())
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=11)
 for ax in axes:
     ax.set_xticks([]), ax.set_yticks([])
 plt.tight_layout()
@@ -482,7 +484,7 @@ plt.show()
 print(f"scene {k}: {len(bxs)} objects, lost at stride 16: {lost16[k]}, at stride 4: "
       f"{lost_objects(best_labels(m[None], 4), crowd['boxes'][k:k + 1], crowd['box_labels'][k:k + 1])[0]}")
 
-# %% [markdown]
+# %% [markdown] notes
 # **(b) What the c1 channels respond to.** On the photo, with the SPM at its official initialisation (the adapter's
 # `_init_weights`: conv weights $\mathcal{N}(0, 2/\text{fan-out})$, BN = identity) and **no training**, c1's
 # channels (before `fc1`) are already a bank of local detectors — brightness, colour, edges, texture. Below: six
@@ -490,7 +492,7 @@ print(f"scene {k}: {len(bxs)} objects, lost at stride 16: {lost16[k]}, at stride
 # what reaches a head: c1 at 64 × 64 against the tiny pretrained ViT's patch embedding and last layer at 16 × 16
 # (the ViT was trained on ShapesWorld, not on photos; what matters here is the grid).
 
-# %%
+# %% slide hide-input
 seed_everything(0)
 spm_init = MySPM(dim=D)
 spm_init.apply(DINOv3Adapter._init_weights)  # the official adapter's init, applied to our module
@@ -523,23 +525,23 @@ while len(top) < 6:
     score[feat_c1.flatten(1).std(1) < 0.05] = float("inf")
     top.append(int(score.argmin()))
 
-fig, axes = plt.subplots(2, 5, figsize=(10, 4))
+fig, axes = plt.subplots(2, 5, figsize=(12.8, 5.6))
 axes[0, 0].imshow(viz.to_numpy_image(photo))
-axes[0, 0].set_title("photo 256x256", fontsize=9)
+axes[0, 0].set_title("photo 256x256", fontsize=11)
 for ax, ch in zip(list(axes[0, 1:]) + list(axes[1, :2]), top):
     ax.imshow(feat_c1[ch].numpy(), cmap="magma")
-    ax.set_title(f"c1 channel {ch} (64x64)", fontsize=9)
+    ax.set_title(f"c1 channel {ch} (64x64)", fontsize=11)
 pcas = [(feat_c1.permute(1, 2, 0), "PCA of c1 (64x64)"), (pe_photo, "PCA patch embed (16x16)"),
         (vit_photo.permute(1, 2, 0), "PCA ViT last layer (16x16)")]
 for ax, (f, title) in zip(axes[1, 2:], pcas):
     ax.imshow(viz.pca_rgb(f).numpy())
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=11)
 for ax in axes.flat:
     ax.set_xticks([]), ax.set_yticks([])
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 6. A measurement: linear read-out at 1/4 resolution
 #
 # Figures persuade; numbers decide. We ask how well a **linear read-out** recovers two targets on the 32 × 32
@@ -562,7 +564,7 @@ plt.show()
 # precision–recall curve; chance = the positive rate), plus IoU and boundary F-score of the foreground at a
 # threshold of 0.5. The SPM row has the fewest channels, so a win is not a matter of capacity.
 
-# %%
+# %% skip
 N_IMG = 64 * SCALE
 train_b = ShapesWorld("train", size=128).batch(range(N_IMG))
 val_b = ShapesWorld("val", size=128).batch(range(N_IMG))
@@ -600,7 +602,7 @@ print(f"cells: {len(y_tr):,} train, {len(y_va):,} val; positive rate (chance AP)
 for k_, v in feats_tr.items():
     print(f"  {k_:24s} {list(v.shape)}")
 
-# %%
+# %% slide hide-input
 # NBVAL_IGNORE_OUTPUT
 def ridge_readout(f_tr, f_va, y, lam=1.0):
     flat = lambda f: f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).double()  # noqa: E731
@@ -625,7 +627,7 @@ for name in feats_tr:
     print(f"{name:24s} {feats_tr[name].shape[1]:4d} {r['edge_ap']:8.3f} {r['fg_ap']:7.3f} {r['fg_iou']:7.3f} "
           f"{r['fg_bf']:14.3f}")
 
-# %%
+# %% skip
 spm_r, pe_r, vit_r = (results[k_] for k_ in ("SPM c1 (random init)", "patch embedding, up x4", "ViT last layer, up x4"))
 chance_edge = y_va[:, 0].mean().item()
 assert spm_r["edge_ap"] > max(pe_r["edge_ap"], vit_r["edge_ap"]) + 0.15 and spm_r["edge_ap"] > 4 * chance_edge
@@ -634,26 +636,26 @@ assert spm_r["edge_ap"] > results["pixels 4x4 (linear)"]["edge_ap"] + 0.15
 print("asserts passed: random c1 beats the upsampled stride-16 features and the linear 4x4 pixels "
       "at 1/4 resolution")
 
-# %%
+# %% slide hide-input
 j = int(y_va[:, 0].view(*fg_va.shape).flatten(1).sum(1).argmax())  # the validation image with the most edge cells
 show = {"SPM c1 (random init)": "SPM c1", "patch embedding, up x4": "patch embed", "ViT last layer, up x4": "ViT last"}
-fig, axes = plt.subplots(2, 4, figsize=(7.8, 4))
+fig, axes = plt.subplots(2, 4, figsize=(10.4, 5.4))
 axes[0, 0].imshow(viz.to_numpy_image(val_b["image"][j]))
-axes[0, 0].set_title("validation image", fontsize=9)
+axes[0, 0].set_title("validation image", fontsize=11)
 axes[1, 0].imshow(y_va[:, 0].view(*fg_va.shape)[j].numpy(), cmap="gray")
-axes[1, 0].set_title("true edges / fg (32x32)", fontsize=9)
+axes[1, 0].set_title("true edges / fg (32x32)", fontsize=11)
 axes[1, 0].contour(fg_va[j].float().numpy(), levels=[0.5], colors="red", linewidths=0.8)
 for col, (name, short) in enumerate(show.items(), start=1):
     axes[0, col].imshow(preds[name][j, :, :, 0].numpy(), cmap="gray", vmin=0, vmax=0.6)
-    axes[0, col].set_title(f"edge score: {short}", fontsize=9)
+    axes[0, col].set_title(f"edge score: {short}", fontsize=11)
     axes[1, col].imshow(preds[name][j, :, :, 1].numpy(), cmap="gray", vmin=0, vmax=1)
-    axes[1, col].set_title(f"fg score: {short}", fontsize=9)
+    axes[1, col].set_title(f"fg score: {short}", fontsize=11)
 for ax in axes.flat:
     ax.set_xticks([]), ax.set_yticks([])
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # What the numbers say (they are recomputed on every run; the printed table is the source):
 #
 # * At 1/4 resolution, **the untrained conv stem recovers fine edges and the foreground far better** than the
@@ -666,33 +668,33 @@ plt.show()
 #   class — and the adapter's job is to combine that with the SPM's *where*. The stride problem stays: no
 #   backbone puts two labels into one 16 × 16 cell.
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 result = {"edge_ap_spm_c1": round(spm_r["edge_ap"], 3), "edge_ap_patch_embed": round(pe_r["edge_ap"], 3),
           "fg_ap_spm_c1": round(spm_r["fg_ap"], 3), "fg_ap_patch_embed": round(pe_r["fg_ap"], 3),
           "oracle_miou_stride4": round(oracle[4][0], 3), "oracle_miou_stride16": round(oracle[16][0], 3)}
 print("RESULT " + json.dumps(result))
 
-# %% [markdown]
+# %% [markdown] skip
 # ## 7. Summary
 #
-# The SPM's shape table at the seed's setting (batch 4, 512 × 512, ViT-L, D = 1024), from `dinolab.trace` on the
+# The SPM's shape table at the blog post's setting (batch 4, 512 × 512, ViT-L, D = 1024), from `dinolab.trace` on the
 # meta device — the official module:
 
-# %%
+# %% skip
 top_level = Trace([r for r in table if "." not in r.name])  # the stages only
 print(top_level)
 print(f"\nparameters (ViT-L): {spm_l_params:,}; GFLOPs per 512x512 image: {total_spm / 1e9:.1f}")
 print("receptive field / stride per level:", ", ".join(f"c{lv} {r} px / {j}" for lv, r, j, _ in rf_rows))
 
-# %% [markdown]
+# %% [markdown] slide
 # ### What to remember
 #
 # * The SPM is a ResNet-style stem: conv–BN–ReLU ×3 (the first with stride 2) + max-pool → **stride 4**, then one
 #   stride-2 conv–BN–ReLU per level → **8, 16, 32**; widths 64 → 128 → 256 → 256; 1 × 1 convs `fc1..fc4` project
 #   every level to the ViT width D.
 # * Output: **c1 stays a map** `[B, D, H/4, W/4]`; **c2, c3, c4 become tokens** (row-major) — `21·HW/1024`
-#   together (5376 at 512²), the queries of the adapter's extractors. Seed shapes at 512², ViT-L: c1
+#   together (5376 at 512²), the queries of the adapter's extractors. The blog post's shapes at 512², ViT-L: c1
 #   `[4,1024,128,128]`, c2 `[4,4096,1024]`, c3 `[4,1024,1024]`, c4 `[4,256,1024]`.
 # * It is **small and cheap next to the backbone**: about 1 M parameters of convs + `708·D` in the projections
 #   (1.76 M for ViT-L, under 1 % of its backbone), about 2 % of ViT-L's FLOPs — and most of its own FLOPs are at
@@ -702,7 +704,8 @@ print("receptive field / stride per level:", ", ".join(f"c{lv} {r} px / {j}" for
 #   objects and most of the boundary quality; at stride 4 almost none (section 5).
 # * Even **untrained**, the stem's non-linear local features make fine edges and foreground linearly readable at
 #   1/4 resolution, where upsampled patch features cannot; in the adapter it is trained, while the ViT stays frozen.
-#
+
+# %% [markdown] skip
 # ### Exercises
 #
 # 1. Replace the max-pool by a stride-2 conv (as some stems do). Recompute the receptive fields with `walk` and

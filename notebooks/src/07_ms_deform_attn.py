@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 07 · Multi-scale deformable attention
 #
 # DINOv3's dense-prediction stack mixes its feature maps with **multi-scale deformable attention**
@@ -7,7 +7,8 @@
 # over a 3-level pyramid (notebook 09). Instead of comparing a query with *every* key, each query **predicts a
 # few places to look** — $P$ points per head and per level, around its own reference point — reads the value
 # map there by bilinear interpolation, and averages the samples with weights it also predicts.
-#
+
+# %% [markdown] notes
 # You will build it from the bottom up:
 #
 # 1. **bilinear sampling** by hand (4 neighbours, 4 weights), checked against `F.grid_sample`;
@@ -16,20 +17,20 @@
 #    loop, `dinolab.msdeform`, and transformers' pure-PyTorch reference;
 # 4. the **official initialisation** (points on a ring of head directions, uniform weights), drawn;
 # 5. **watching it learn**: sampling points on the levels of a real photo, before and after training;
-# 6. the **cost** against dense attention (FLOPs, memory, time) and the seed's two **fusion styles**
+# 6. the **cost** against dense attention (FLOPs, memory, time) and the blog post's two **fusion styles**
 #    (deformable attention vs FPN upsample + conv) compared in numbers.
 #
 # Facts about the official module come from `dinov3/eval/segmentation/models/utils/ms_deform_attn.py`.
 # Expected run time: about 30 s on 2 CPU cores.
 
-# %%
+# %% skip
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("07")))
 
-# %%
+# %% skip
 import os
 
 for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -60,11 +61,11 @@ from dinolab.utils import count_params, get_device, seed_everything
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a reader with a GPU can raise this: more training steps in section 5
-plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 torch.set_printoptions(precision=4, sci_mode=False)
 print("device type:", DEVICE.type)
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. Bilinear sampling by hand
 #
 # Deformable attention reads a feature map at **fractional** positions. The convention (official
@@ -85,7 +86,7 @@ print("device type:", DEVICE.type)
 #
 # One point, written out:
 
-# %%
+# %% skip
 def bilinear_one(vmap, x, y, verbose=False):
     """vmap [C, H, W]; (x, y) floats in normalised [0, 1] coordinates -> [C]; zero outside the map."""
     C, H, W = vmap.shape
@@ -112,11 +113,11 @@ print(f"map {tuple(vmap.shape)} (C, H, W); point (x, y) = ({x}, {y}) -> pixel un
 v = bilinear_one(vmap, x, y, verbose=True)
 print(f"bilinear value: {v.item():.4f}")
 
-# %% [markdown]
+# %% [markdown] slide
 # The same for many points at once, vectorised: gather the four neighbours, weight them, zero those outside.
 # `F.grid_sample` wants a grid in $[-1, 1]$, hence `2 * loc - 1`. We test points well outside the map too.
 
-# %%
+# %% hide-input
 def bilinear_sample(vmap, loc):
     """vmap [C, H, W]; loc [N, 2] (x, y) in [0, 1] -> [N, C]. Bilinear, zero padding, align_corners=False."""
     C, H, W = vmap.shape
@@ -151,13 +152,13 @@ print("pixel centres read their pixel exactly (assert passed); corner (0,0) read
       f"(2, 0.5) reads {corner[2].item():.1f}")
 assert corner.tolist() == [0.25, 20 / 4, 0.0]
 
-# %%
-fig, ax = plt.subplots(figsize=(6.4, 4.2))
+# %% slide hide-input
+fig, ax = plt.subplots(figsize=(10.4, 6.2))
 ax.imshow(vmap[0].numpy(), cmap="Greys", alpha=0.35, extent=(0, 1, 1, 0), aspect=H / W)
 for i in range(H):
     for j in range(W):
         ax.plot((j + 0.5) / W, (i + 0.5) / H, ".", color="gray")
-        ax.text((j + 0.5) / W, (i + 0.5) / H + 0.05, f"{vmap[0, i, j]:.0f}", ha="center", fontsize=7, color="gray")
+        ax.text((j + 0.5) / W, (i + 0.5) / H + 0.05, f"{vmap[0, i, j]:.0f}", ha="center", fontsize=10, color="gray")
 px, py = x * W - 0.5, y * H - 0.5
 x0, y0 = math.floor(px), math.floor(py)
 fx, fy = px - x0, py - y0
@@ -167,20 +168,20 @@ for dy, wy in ((0, 1 - fy), (1, fy)):
         ax.plot([x, cx], [y, cy], "-", color="tab:blue", lw=0.8)
         ax.plot(cx, cy, "o", color="tab:blue", ms=4 + 14 * wx * wy)
         ax.text(cx + (0.03 if dx else -0.03), cy + (0.07 if dy else -0.04), f"w={wx * wy:.2f}", color="tab:blue",
-                fontsize=8, ha="left" if dx else "right")
+                fontsize=11, ha="left" if dx else "right")
 ax.plot(x, y, "*", color="tab:red", ms=12)
 ax.annotate(f"(x, y) = ({x}, {y})\nvalue = {v.item():.2f}", (x, y), xytext=(0.62, 0.55), color="tab:red",
-            fontsize=8, arrowprops=dict(arrowstyle="->", color="tab:red", lw=0.8))
+            fontsize=11, arrowprops=dict(arrowstyle="->", color="tab:red", lw=0.8))
 ax.plot(0, 0, "s", color="k", ms=5, clip_on=False)
-ax.annotate("(0, 0) = top-left corner", (0, 0), xytext=(0.02, 0.235), fontsize=8,
+ax.annotate("(0, 0) = top-left corner", (0, 0), xytext=(0.02, 0.235), fontsize=11,
             arrowprops=dict(arrowstyle="->", lw=0.8))
 ax.set(xlim=(0, 1), ylim=(1, 0), xlabel="x (normalised)", ylabel="y (normalised)")
 ax.set_title(f"Bilinear sampling of a {H}×{W} map\npixel (i, j) has its centre at ((j+0.5)/W, (i+0.5)/H)",
-             fontsize=9)
+             fontsize=13)
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. Single-scale deformable attention
 #
 # Dense attention compares the query with every key: $\mathrm{out}(q) = \sum_{k} \mathrm{softmax}_k(q \cdot k)\,
@@ -194,7 +195,7 @@ plt.show()
 # the value map. There are no keys at all: the weights do not come from a query–key similarity.
 # We build it for a 6×7 map with $C = 8$ channels, 5 queries and $P = 4$ points.
 
-# %%
+# %% hide-input
 seed_everything(0)
 C, H, W, P, Lq = 8, 6, 7, 4, 5
 value_map = torch.randn(C, H, W, dtype=torch.float64)
@@ -223,7 +224,7 @@ out_lib = ms_deform_attn(value_map.flatten(1).T[None, :, None, :], [(H, W)],
 torch.testing.assert_close(out_lib[0], out_single)
 print("by hand == dinolab.msdeform.ms_deform_attn (1 level, 1 head)  (assert passed)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. Multi-scale and multi-head
 #
 # The full module generalises in two directions:
@@ -243,7 +244,7 @@ print("by hand == dinolab.msdeform.ms_deform_attn (1 level, 1 head)  (assert pas
 # `attention_weights` ($M L P$) and `output_proj`. First the core (everything between the projections),
 # written with our `bilinear_sample`:
 
-# %%
+# %% skip
 def ms_deform_attn_by_hand(value, shapes, loc, attn):
     """value [B, ΣHW, M, dh]; shapes [(H, W)] * L; loc [B, Lq, M, L, P, 2] (x, y); attn [B, Lq, M, L, P]
     -> [B, Lq, M·dh]. One level and one head at a time, all queries and points at once."""
@@ -278,7 +279,7 @@ def ms_deform_attn_brute(value, shapes, loc, attn):
     return out.reshape(B, Lq, M * dh)
 
 
-# %% [markdown]
+# %% [markdown] slide
 # Now a tiny random case in float64 — non-square levels, one of them a single column, locations in
 # $[-0.3, 1.3]$ so many points fall (partly) outside — compared four ways: the brute-force loop, our vectorised
 # version, `dinolab.msdeform.ms_deform_attn` (a fused gather-sum with its own CPU backward) and transformers'
@@ -286,7 +287,7 @@ def ms_deform_attn_brute(value, shapes, loc, attn):
 # `transformers/models/deformable_detr/modeling_deformable_detr.py`, which is the official
 # `ms_deform_attn_core_pytorch`: one `grid_sample` per level).
 
-# %%
+# %% hide-input
 def random_core_inputs(B, shapes, M, dh, P, Lq, seed=0, lo=-0.3, hi=1.3):
     g = torch.Generator().manual_seed(seed)
     S, L = sum(h * w for h, w in shapes), len(shapes)
@@ -322,7 +323,7 @@ for name, out in results.items():
 # backward, so the official head cannot be trained on a CPU. `dinolab.msdeform` has its own CPU backward;
 # transformers' reference gets its gradient from autograd through `grid_sample`.
 
-# %%
+# %% hide-input
 shapes3 = [(8, 10), (4, 5), (2, 3)]
 value, loc, attn = random_core_inputs(B=2, shapes=shapes3, M=4, dh=8, P=4, Lq=60, seed=1)
 go = torch.randn(2, 60, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -341,7 +342,7 @@ for name in ("by hand", "dinolab"):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     print(f"{name:8s} == transformers: output and all three gradients (float64)  (assert passed)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ### The whole module, by hand
 #
 # Around the core sit the four projections. The value goes through `value_proj` (width
@@ -352,7 +353,7 @@ for name in ("by hand", "dinolab"):
 # gotchas: its `attention_mask` is True = *valid*, the opposite of the official `input_padding_mask`
 # (True = padding), and it adds `position_embeddings` to the query (we pass none).
 
-# %%
+# %% hide-input
 def msdeform_by_hand(m, query, reference_points, input_flatten, shapes, padding_mask=None):
     B, Lq, _ = query.shape
     S = input_flatten.shape[1]
@@ -399,7 +400,7 @@ torch.testing.assert_close(out_hand, out_ours, atol=1e-12, rtol=0)
 torch.testing.assert_close(out_ours, out_peer, atol=1e-12, rtol=0)
 print("by hand == dinolab MSDeformAttn == transformers DeformableDetrMultiscaleDeformableAttention  (assert passed)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. The official initialisation
 #
 # `MSDeformAttn._reset_parameters` (official, copied from Deformable DETR):
@@ -415,7 +416,7 @@ print("by hand == dinolab MSDeformAttn == transformers DeformableDetrMultiscaleD
 # direction, on every level. Training then bends the star per query. We rebuild the bias from the recipe and
 # compare it with dinolab's, for the pixel decoder's setting (16 heads, 3 levels, 4 points).
 
-# %%
+# %% skip
 M, L, P = 16, 3, 4
 m_init = MSDeformAttn(64, n_levels=L, n_heads=M, n_points=P)  # the bias does not depend on d_model
 thetas = torch.arange(M, dtype=torch.float32) * (2.0 * math.pi / M)
@@ -436,16 +437,16 @@ logits0 = m_init.attention_weights(torch.randn(7, 64)).view(7, M, L * P)
 torch.testing.assert_close(logits0.softmax(-1), torch.full_like(logits0, 1 / (L * P)))
 print(f"zero attention logits -> every weight = 1/(L·P) = 1/{L * P} = {1 / (L * P):.4f}  (assert passed)")
 
-# %%
+# %% slide hide-input
 strides = [8, 16, 32]  # the pixel decoder's encoder levels at 1/8, 1/16, 1/32
 colors = plt.cm.hsv(torch.linspace(0, 1, M + 1)[:-1].numpy())
-fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 5.8))
 ax = axes[0]
 for h in range(M):
     pts = init_bias[h, 0].numpy()
     ax.plot(pts[:, 0], pts[:, 1], "-", color=colors[h], lw=0.7)
     ax.scatter(pts[:, 0], pts[:, 1], s=12 + 10 * torch.arange(P).numpy(), color=colors[h], zorder=3)
-    ax.text(*(pts[-1] * 1.13), str(h), fontsize=7, ha="center", va="center", color=colors[h])
+    ax.text(*(pts[-1] * 1.13), str(h), fontsize=10, ha="center", va="center", color=colors[h])
 ax.plot(0, 0, "k+", ms=10)
 ax.set(aspect="equal", xlim=(-5, 5), ylim=(5, -5), xlabel="dx (pixels of the level)", ylabel="dy",
        title=f"Official init: {M} heads × {P} points (same on every level)\nhead m → angle 2πm/{M}, "
@@ -457,11 +458,11 @@ for lvl, (s, mk) in enumerate(zip(strides, ["o", "s", "^"])):
 ax.plot(0, 0, "k+", ms=10)
 ax.set(aspect="equal", xlim=(-140, 140), ylim=(140, -140), xlabel="dx (image pixels)", ylabel="dy",
        title="The same offsets in image pixels:\ncoarse levels look further")
-ax.legend(frameon=False, fontsize=8, loc="lower left")
+ax.legend(frameon=False, fontsize=11, loc="lower left")
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 5. Watching it learn: sampling points on a real photo
 #
 # A tiny task where the module must learn **where** to look. The pyramid is the photo's colour at strides
@@ -478,7 +479,7 @@ plt.show()
 # for every query, because the task is the same everywhere; in real models `sampling_offsets.weight` makes them
 # depend on the query's content.
 
-# %%
+# %% skip
 seed_everything(0)
 photo = viz.load_photo(256)
 pyramid = [F.avg_pool2d(photo[None], k) for k in (4, 8, 16)]  # strides 4, 8, 16
@@ -529,7 +530,7 @@ def where_it_looks(m, qi):
 QI = 12 * 32 + 15  # the query at grid row 12, column 15 (on the face)
 before = where_it_looks(m_t, QI)
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 # the loss values depend on float rounding; the asserts in the next cell check the outcome
 m_t, query_t, flat, target, ref_d = (t.to(DEVICE) for t in (m_t, query_t, flat, target, ref_q))
@@ -551,7 +552,7 @@ for step in range(STEPS):
 print(f"{STEPS} steps in {time.perf_counter() - t0:.1f} s")
 m_t, query_t = m_t.cpu(), query_t.cpu()
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 after = where_it_looks(m_t, QI)
 ref_px = ref_q[0, QI] * 256
@@ -568,9 +569,9 @@ for h in range(n_heads_t):
 assert loss_drop > 50, loss_drop
 assert max(miss) < 4.0, miss  # within one base-level pixel (4 image px) of the target
 
-# %%
+# %% slide hide-input
 img_np = viz.to_numpy_image(photo)
-fig, axes = plt.subplots(2, 3, figsize=(9, 6.2))
+fig, axes = plt.subplots(2, 3, figsize=(11, 6.4))
 head_colors = ["cyan", "magenta"]
 for row, (name, (loc_px, w)) in enumerate([("before (official init)", before), ("after training", after)]):
     for lvl, ax in enumerate(axes[row]):
@@ -584,21 +585,22 @@ for row, (name, (loc_px, w)) in enumerate([("before (official init)", before), (
         ax.plot(*(ref_q[0, QI] * 256).numpy(), "w+", ms=12, mew=2, zorder=5)
         ax.set(xlim=(60, 200), ylim=(170, 30), xticks=[], yticks=[])
         h_, w_ = shapes_photo[lvl]
-        ax.set_title(f"{name}\nlevel {lvl}: {h_}x{w_} (stride {256 // w_})", fontsize=9)
-axes[0, 0].legend(frameon=True, fontsize=7, loc="lower left")
+        ax.set_title(f"{name}\nlevel {lvl}: {h_}x{w_} (stride {256 // w_})", fontsize=11)
+axes[0, 0].legend(frameon=True, fontsize=10, loc="lower left")
 fig.suptitle("One query (+): its 2 heads × 3 levels × 4 sampling points (size ∝ weight); ★ = the targets",
-             fontsize=10)
+             fontsize=13)
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # Before training, each head's points sit on its init line (head 0 to the right, head 1 to the left: with 2 heads
 # the angles are 0° and 180°), 1 to 4 pixels of each level away — so four times further on the 16² level than on
 # the 64² level. After 300 steps the points of every level have gathered on the two stars. Gradients reach a point
 # only through the bilinear weights of its 4 neighbours, so points move by following the local image gradient;
 # a point that starts where the image is flat barely moves, and the softmax learns to trust it less (smaller
 # marker). This is why the official init spreads the points out in all directions and at several distances.
-#
+
+# %% [markdown] slide
 # ## 6. Cost against dense attention
 #
 # In an encoder every token of the pyramid is a query: $L_q = S = \sum_l H_l W_l$. Counting a multiply-add as
@@ -615,7 +617,7 @@ plt.show()
 # `meta` device (shapes only, no memory); the counter does not see deformable sampling (a gather, not a matmul),
 # so that term comes from the formula. Softmax and location arithmetic (a few FLOPs per sample) are left out.
 
-# %%
+# %% slide hide-input
 def deform_flops(Lq, S, d, M, L, P, ratio=1.0):
     dv = int(d * ratio)
     proj = 2 * S * d * dv + 2 * Lq * d * (2 * M * L * P) + 2 * Lq * d * (M * L * P) + 2 * Lq * dv * d
@@ -680,14 +682,14 @@ for base, S, fd, fn, md, mn in rows:
     print(f"{base:>7}²   {S:>9} | {fd / 1e9:13.2f} {fn / 1e9:12.2f} {fn / fd:6.1f} | {md / 2**20:9.1f} {mn / 2**20:9.0f}")
 assert rows[-1][3] / rows[-1][2] > 10 * rows[0][3] / rows[0][2]  # the gap widens with resolution
 
-# %% [markdown]
+# %% [markdown] notes
 # Timing on this machine (forward only, batch 1, `no_grad`, best of 3): dinolab's `MSDeformAttn`, the same layer
 # with transformers' `grid_sample` core, and dense attention through `F.scaled_dot_product_attention` (whose fused
 # kernels never store the attention matrix, but still do the quadratic work). Dense attention at 128² would take
 # seconds, so there we time **1/16 of the queries** against all keys and multiply by 16 — its cost is exactly
 # linear in the number of queries. The numbers are not compared by nbval.
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 def best_time(fn, n=3):
     fn()  # warm-up (dinolab caches its index geometry per size)
@@ -736,10 +738,10 @@ for name, ts in times.items():
     print(f"{name:22s}", "  ".join(f"{b}²: {t * 1e3:8.1f} ms" for b, t in zip(BASES, ts)))
 assert times["dense (SDPA)"][-1] > 2 * times["dinolab MSDeformAttn"][-1]
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 tokens = [r[1] for r in rows]
-fig, axes = plt.subplots(1, 3, figsize=(10, 3.1))
+fig, axes = plt.subplots(1, 3, figsize=(12.8, 4.4))
 axes[0].plot(tokens, [r[2] / 1e9 for r in rows], "o-", label="deformable")
 axes[0].plot(tokens, [r[3] / 1e9 for r in rows], "s--", label="dense")
 axes[0].set(title="FLOPs (computed)", ylabel="GFLOPs")
@@ -753,19 +755,20 @@ for ax in axes:
     ax.set(xscale="log", yscale="log", xlabel="tokens S = ΣHW (3 levels)")
     ax.set_xticks(tokens, [f"{t}\n({b}² base)" for t, b in zip(tokens, BASES)])
     ax.minorticks_off()
-    ax.legend(frameon=False, fontsize=7)
+    ax.legend(frameon=False, fontsize=10)
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # Every 4× more tokens cost dense attention 16× more, deformable attention 4× more. At the 128² base level the
 # dense attention matrix alone (8 heads) would need the memory in the table; the deformable layer's largest
 # intermediate is the $L_q \times L P \times d$ block of samples of the `grid_sample` reference, which dinolab's
 # fused gather-sum does not materialise.
+
+# %% [markdown] slide
+# ## 7. The blog post's two fusion styles, in numbers
 #
-# ## 7. The seed's two fusion styles, in numbers
-#
-# The seed compares two ways to merge a feature pyramid: **multi-scale deformable attention** (what the
+# The blog post compares two ways to merge a feature pyramid: **multi-scale deformable attention** (what the
 # pixel decoder's encoder does: global, content-adaptive, costly) and **FPN upsample + conv** (its own decoder
 # head: cheap, local, fixed). Here they are side by side for a 512 × 512 image and ViT-L-sized features
 # ($D = 1024$; levels 1/8, 1/16, 1/32 = 64², 32², 16², i.e. 5376 tokens; the FPN also takes the 1/4 level),
@@ -773,7 +776,7 @@ plt.show()
 # on; the FPN's footprint is measured by back-propagating from one output pixel (positive weights and inputs,
 # so that no ReLU hides a path).
 
-# %%
+# %% slide hide-input
 D_L, IMG = 1024, 512
 fpn_strides = [4, 8, 16, 32]
 enc_shapes = [(IMG // s, IMG // s) for s in (8, 16, 32)]
@@ -806,7 +809,7 @@ print(f"FPN head: one stride-4 output pixel depends on {fpn_reads} input positio
 with torch.device("meta"):
     deform_layer = MSDeformAttn(D_L, n_levels=3, n_heads=16, n_points=4)
     dense_layer = DenseSelfAttention(D_L, 16)
-    fpn_head = FPNSegHead(D_L, 256, num_classes=150)  # the seed's FPN head over f1..f4 (ADE20k: 150 classes)
+    fpn_head = FPNSegHead(D_L, 256, num_classes=150)  # the blog post's FPN head over f1..f4 (ADE20k: 150 classes)
     pixel_decoder = MSDeformAttnPixelDecoder(D_L, **DINOV3_M2F_CONFIG)
     x_enc = torch.randn(1, S_enc, D_L)
     feats_L = [torch.randn(1, D_L, IMG // s, IMG // s) for s in fpn_strides]
@@ -826,7 +829,7 @@ table = [
      f"whole image (init ±{init_reach} px)", "yes"),
     ("dense self-attention, 1 layer over 1/8–1/32 (d 1024)", count_params(dense_layer),
      sum(dense_flops(S_enc, D_L)), f"all {S_enc} tokens", "whole image", "yes (q·k)"),
-    ("FPN head (seed) over 1/4–1/32: 4 laterals 1024→256, 3 top-down 3×3 convs", count_params(fpn_head),
+    ("FPN head (blog post) over 1/4–1/32: 4 laterals 1024→256, 3 top-down 3×3 convs", count_params(fpn_head),
      counted_flops(lambda: fpn_head(feats_L)), f"{fpn_reads} positions (fixed)", f"{fpn_reach}×{fpn_reach} px", "no"),
     (f"official pixel-decoder encoder ({n_layers} layers, d {w2048}, FFN {DINOV3_M2F_CONFIG['dim_feedforward']})",
      count_params(pixel_decoder.encoder), enc_flops, f"{n_layers} × {16 * 3 * 4} points × 4 corners",
@@ -839,7 +842,7 @@ assert table[0][2] < table[1][2] / 3  # deformable layer: a fraction of dense at
 assert table[3][2] > 10 * table[2][2]  # the official 6-layer encoder costs far more than the FPN head
 assert fpn_reach < IMG
 
-# %% [markdown]
+# %% [markdown] notes
 # What the table says:
 #
 # * **Per layer, deformable attention is cheaper than dense attention** at this size (most of its FLOPs are the
@@ -849,21 +852,22 @@ assert fpn_reach < IMG
 #   different reason: its FLOPs are 3×3 convolutions on the large 1/4 level (128², where no deformable layer
 #   runs). Each output sees a fixed window (measured above; wide thanks to the coarse levels) through
 #   few, fixed reads — the same shape everywhere, never adapted to the image.
-# * **The official encoder is big**: six layers at width 2048 with a 4096 FFN — the seed's "costly" is about
+# * **The official encoder is big**: six layers at width 2048 with a 4096 FFN — the blog post's "costly" is about
 #   width and depth, not about the deformable mixing itself.
-# * The seed's other claim, that deformable fusion "loses high-frequency detail", is about where it is used: the
+# * The blog post's other claim, that deformable fusion "loses high-frequency detail", is about where it is used: the
 #   pixel decoder applies it only to the coarse levels (1/8 to 1/32) and recovers detail with one FPN step at 1/4.
 #   Sampling a few bilinear points per head is a smooth, low-pass read-out of each level.
-#
+
+# %% [markdown] skip
 # ## 8. Summary
 #
-# The shape table of `MSDeformAttn` as the DINOv3 adapter's extractor uses it (the seed's setting: batch 4,
+# The shape table of `MSDeformAttn` as the DINOv3 adapter's extractor uses it (the blog post's setting: batch 4,
 # 512 × 512, ViT-L, D = 1024; queries = the 5376 SPM tokens, value = the 32 × 32 ViT map, 16 heads, 1 level,
 # 4 points, ratio 0.5), then as the pixel decoder uses it (width 2048, 3 levels), both on the `meta` device.
 # The core `ms_deform_attn` is a function, not a module, so it has no row of its own; its shapes (between
 # `attention_weights` and `output_proj`) are printed under each table.
 
-# %%
+# %% skip
 with torch.device("meta"):
     extractor_attn = MSDeformAttn(1024, n_levels=1, n_heads=16, n_points=4, ratio=0.5)
     q_spm, vit_map = torch.randn(4, 5376, 1024), torch.randn(4, 32 * 32, 1024)
@@ -887,7 +891,7 @@ print(trace(decoder_attn, tokens_dec, get_reference_points(enc_shapes, "meta").e
             torch.tensor(enc_shapes)))
 print(core_shapes(decoder_attn, 4, 5376, 5376))
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 import json
 
@@ -895,7 +899,7 @@ result = {"loss_drop": round(loss_drop, 1), "max_miss_px": round(max(miss), 2),
           "dense_over_deform_flops_128": round(rows[-1][3] / rows[-1][2], 1)}
 print("RESULT " + json.dumps(result))
 
-# %% [markdown]
+# %% [markdown] slide
 # ### What to remember
 #
 # * A deformable-attention query **predicts** $M \times L \times P$ sampling offsets (in pixels of each level) and
@@ -911,7 +915,8 @@ print("RESULT " + json.dumps(result))
 #   `dinolab.msdeform` is pure PyTorch in both directions and matches transformers' reference in float64.
 # * DINOv3 uses it twice: adapter extractors (16 heads, 1 level, 4 points, ratio 0.5) and the pixel decoder's
 #   six encoder layers (width 2048, 16 heads, 3 levels, 4 points).
-#
+
+# %% [markdown] skip
 # ### Exercises
 #
 # 1. Move a point by a tiny $\epsilon$ and check `bilinear_sample` against a finite difference: where is the

@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 08 · The adapter's interaction blocks: how the SPM reads a frozen ViT
 #
 # Notebook 06 built the Spatial Prior Module (SPM): a conv stem that gives local detail at strides 4/8/16/32.
@@ -6,16 +6,17 @@
 # ViT: DINOv3's dense-prediction adapter (official `dinov3/eval/segmentation/models/backbone/dinov3_adapter.py`,
 # `DINOv3_Adapter`) reads the ViT at four blocks and lets the SPM tokens **query** those maps with deformable
 # attention — the **extractor**. The original ViT-Adapter (Chen et al., ICLR 2023) also has an **injector** that
-# writes SPM information back into the ViT between its blocks; DINOv3's adapter has none. (The seed says
+# writes SPM information back into the ViT between its blocks; DINOv3's adapter has none. (The blog post says
 # "InteractionBlockWithCls" without saying which: **the official segmentation adapter has no injector**.)
-#
+
+# %% [markdown] notes
 # You will:
 #
 # 1. see the **information flow** of both designs (diagram) and why DINOv3 drops the injector;
 # 2. inspect `deform_inputs` — reference points, spatial shapes, level start indices — with shapes;
 # 3. **rebuild one extractor, one injector and the whole adapter forward** from their parts, printing every shape,
 #    and check them against `dinolab.adapter` (`assert_close`);
-# 4. generate the seed's **tensor-flow table** for ViT-L at 512 × 512, batch 4, on the `meta` device, and count
+# 4. generate the blog post's **tensor-flow table** for ViT-L at 512 × 512, batch 4, on the `meta` device, and count
 #    parameters with and without injector;
 # 5. run it for real with the **tiny pretrained backbone** on ShapesWorld: f1..f4, their PCA maps, a check that the
 #    extractor-only adapter leaves the backbone's outputs bit-identical while the injector changes the ViT's token
@@ -23,14 +24,14 @@
 #
 # Expected run time: about 20 s on 2 CPU cores.
 
-# %%
+# %% skip
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("08")))
 
-# %%
+# %% skip
 import copy
 import json
 import statistics
@@ -53,13 +54,13 @@ from dinolab.weights import tiny_checkpoint
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a reader with a GPU can raise this: more images in section 5
-plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 torch.set_printoptions(precision=4, sci_mode=False)
 print("device type:", DEVICE.type)
 
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 1. The information flow
 #
 # Both designs share the pieces:
@@ -82,15 +83,15 @@ CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 # the SPM tokens**. (In the official code `InteractionBlockWithCls` still takes `deform_inputs1`, the injector's
 # inputs, and ignores them.)
 
-# %%
+# %% slide hide-input
 def draw_adapter_flow(ax, blocks, injector=False, title=""):
     """Boxes and arrows: the frozen ViT (top row), the SPM-token stream (bottom row), their interactions."""
-    def box(x, y, w, h, text, fc, fs=8):
+    def box(x, y, w, h, text, fc, fs=11):
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.03,rounding_size=0.12",
                                     fc=fc, ec="0.3", lw=0.8))
         ax.text(x, y, text, ha="center", va="center", fontsize=fs)
 
-    def arrow(x0, y0, x1, y1, color="0.25", ls="-", text=None, tx=0.0, ty=0.0, fs=7):
+    def arrow(x0, y0, x1, y1, color="0.25", ls="-", text=None, tx=0.0, ty=0.0, fs=10):
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
                     arrowprops=dict(arrowstyle="-|>", color=color, lw=1.2, ls=ls, shrinkA=0, shrinkB=0))
         if text:
@@ -112,7 +113,7 @@ def draw_adapter_flow(ax, blocks, injector=False, title=""):
         arrow(prev, ybot, x - w / 2, ybot)  # the SPM token stream
         if injector:  # injector i writes the SPM tokens into the ViT tokens before the blocks of interaction i
             xi = x - w / 2 - 0.35
-            box(xi, 1.45, 0.55, 0.4, f"inj {i + 1}", inj_c, fs=7)
+            box(xi, 1.45, 0.55, 0.4, f"inj {i + 1}", inj_c, fs=10)
             arrow(xi, ybot + 0.02, xi, 1.25, color="#c0392b")
             arrow(xi, 1.65, xi, ytop - 0.02, color="#c0392b")
         # extractor i reads the (final-normed) patch tokens after block interaction_indexes[i]
@@ -120,31 +121,37 @@ def draw_adapter_flow(ax, blocks, injector=False, title=""):
               text="read x$_{%d}$" % (i + 1), tx=0.05, ty=0.45)
         prev = x + w / 2
     box(11.0, 1.8, 2.0, 1.5, "split c → c2,c3,c4 maps\nc1 += up(c2)\n+ 4 ViT maps (resized)\nBatchNorm\n→ f1, f2, f3, f4",
-        out_c, fs=7.5)
+        out_c, fs=10)
     arrow(prev, ybot, 10.0, 1.3)
     arrow(prev, ytop, 10.0, 2.3, color="#2c7bb6", ls="--", text="x$_1$..x$_4$", ty=0.3)
     ax.plot([1.3, 1.3, 11.0], [ybot - h / 2, 0.0, 0.0], color="#e08214", lw=1.2)  # c1 skips the extractors
     arrow(11.0, 0.0, 11.0, 1.05, color="#e08214")
-    ax.text(5.85, 0.1, "c1 (map, stride 4) skips the extractors", ha="center", fontsize=7, color="#e08214")
+    ax.text(5.85, 0.1, "c1 (map, stride 4) skips the extractors", ha="center", fontsize=10, color="#e08214")
     ax.text(5.85, 3.55, "frozen ViT: " + ("run block group by block group, autograd through it" if injector else
-            "run once under no_grad (get_intermediate_layers)"), ha="center", fontsize=8, color="#2c7bb6")
+            "run once under no_grad (get_intermediate_layers)"), ha="center", fontsize=11, color="#2c7bb6")
     ax.text(5.85, -0.3, "bottom row: SPM tokens c = [c2; c3; c4] (the queries), updated by each extractor",
-            ha="center", fontsize=8, color="0.3")
+            ha="center", fontsize=11, color="0.3")
     ax.set_xlim(-0.6, 12.1)
     ax.set_ylim(-0.5, 3.8)
     ax.axis("off")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=13)
 
 
 groups = ["0–4", "5–11", "12–17", "18–23"]  # ViT-L, interaction_indexes [4, 11, 17, 23]
-for injector, title in [(False, "DINOv3 adapter (official): extractor only — information flows ViT → SPM tokens"),
-                        (True, "original ViT-Adapter: injectors (red) also write SPM tokens into the ViT")]:
-    fig, ax = plt.subplots(figsize=(10, 3.4))
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.92, bottom=0.01)
-    draw_adapter_flow(ax, groups, injector=injector, title=title)
-    plt.show()
+fig, ax = plt.subplots(figsize=(12.8, 4.4))
+fig.subplots_adjust(left=0.01, right=0.99, top=0.92, bottom=0.01)
+draw_adapter_flow(ax, groups, injector=False,
+                  title="DINOv3 adapter (official): extractor only — information flows ViT → SPM tokens")
+plt.show()
 
-# %% [markdown]
+# %% slide hide-input
+fig, ax = plt.subplots(figsize=(12.8, 4.4))
+fig.subplots_adjust(left=0.01, right=0.99, top=0.92, bottom=0.01)
+draw_adapter_flow(ax, groups, injector=True,
+                  title="original ViT-Adapter: injectors (red) also write SPM tokens into the ViT")
+plt.show()
+
+# %% [markdown] slide
 # Consequences you can check below:
 #
 # | | DINOv3 (extractor only) | ViT-Adapter (injector + extractor) |
@@ -159,7 +166,7 @@ for injector, title in [(False, "DINOv3 adapter (official): extractor only — i
 # not official — the official adapter has no injector; our `Injector` follows the ViT-Adapter paper, with the
 # LayerScale `γ` initialised to `init_values`, 0 ⇒ it starts as the identity).
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. `deform_inputs`: where every query looks
 #
 # Deformable attention needs, for each query, a **reference point** (x, y) ∈ [0, 1]², and, for the value maps, their
@@ -170,9 +177,9 @@ for injector, title in [(False, "DINOv3 adapter (official): extractor only — i
 # * `deform_inputs2` (extractor): queries = the SPM tokens of the three levels, value = the one ViT map.
 #
 # Reference points are pixel centres `(i + 0.5) / n`, level after level, row-major, as (x, y). For a 128 × 128 image
-# (the tiny run below) and for the seed's 512 × 512 (on the meta device):
+# (the tiny run below) and for the blog post's 512 × 512 (on the meta device):
 
-# %%
+# %% hide-input
 def show_deform_inputs(x):
     d1, d2 = deform_inputs(x, 16)
     for name, (ref, shapes, starts) in [("deform_inputs1 (injector) ", d1), ("deform_inputs2 (extractor)", d2)]:
@@ -193,12 +200,12 @@ for lvl, (start, (h, w)) in enumerate(zip([0, 256, 320], [(16, 16), (8, 8), (4, 
     torch.testing.assert_close(ref2[start + w][1], torch.tensor(1.5 / h))  # the second row starts at y = 1.5/h
 assert d2[0].shape == (1, 16 * 16 + 8 * 8 + 4 * 4, 1, 2) and d1[2].tolist() == [0, 256, 320]
 
-# %% [markdown]
+# %% [markdown] notes
 # The extractor's queries on the image, and the value grid they read (the ViT's 8 × 8 patch tokens). Two things
 # to notice: the c3 queries sit exactly on the ViT's token centres (same normalised grid), and each query sees
 # the *whole* ViT map through its learned sampling offsets, not only its own patch.
 
-# %%
+# %% slide hide-input
 def grid_centres(n, size=128):
     """Pixel coordinates (x, y) of the cell centres of an n x n grid over a size x size image, row-major."""
     ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
@@ -215,7 +222,7 @@ panels = [("extractor: SPM tokens (queries)\nread the ViT map (values)",
            [(d1[0][0, :, 0] * 128 - 0.5, "ViT queries (8x8)", "#2c7bb6", 30, "o"),
             (grid_centres(16), "c2 values", "#e08214", 8, "x"), (grid_centres(8), "c3 values", "#4daf4a", 20, "x"),
             (grid_centres(4), "c4 values", "#984ea3", 40, "x")])]
-fig, axes = plt.subplots(1, 2, figsize=(7.8, 4))
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 6.0))
 for ax, (title, sets) in zip(axes, panels):
     ax.imshow(viz.to_numpy_image(img128), alpha=0.5)
     for p, label, col, sz, marker in sets:
@@ -225,12 +232,12 @@ for ax, (title, sets) in zip(axes, panels):
             ax.scatter(p[:, 0], p[:, 1], s=sz, c=col, marker="x", linewidths=1.0, label=label)
     ax.set_xlim(-0.5, 127.5), ax.set_ylim(127.5, -0.5)
     ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title(title, fontsize=8.5)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=7)
+    ax.set_title(title, fontsize=12)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=11)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. Rebuild it from its parts
 #
 # We build the adapter on the tiny pretrained backbone (D = 192, 6 blocks) with **our choices**, the official ones
@@ -244,7 +251,7 @@ plt.show()
 # * everything else official: `conv_inplane = 64`, 4 points, `deform_ratio = 0.5`, `cffn_ratio = 0.25`,
 #   `drop_path_rate = 0.3`, `add_vit_feature`, extra extractors, `with_cp`.
 
-# %%
+# %% hide-input
 backbone = hub.dinov3_vittiny16(weights=CKPT).eval()
 D, DEPTH = backbone.embed_dim, len(backbone.blocks)
 IDX, HEADS = [1, 2, 4, 5], 3
@@ -258,7 +265,7 @@ batch = ShapesWorld("val", size=128).batch(range(n_img))
 x = viz.normalize(batch["image"])
 print("input:", list(x.shape))
 
-# %% [markdown]
+# %% [markdown] slide
 # ### One extractor, by hand
 #
 # `query_norm` and `feat_norm` are LayerNorms; the deformable attention is written out from its parts (notebook 07):
@@ -267,7 +274,7 @@ print("input:", list(x.shape))
 # output projection. Then the **ConvFFN**: `fc1` (D → D/4), a 3 × 3 depthwise conv applied to each SPM level as
 # its own map, GELU, `fc2`. Both are residual. (DropPath is active only in training.)
 
-# %%
+# %% hide-input
 def layer_norm(ln, t):
     return F.layer_norm(t, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
@@ -333,14 +340,14 @@ with torch.no_grad():
 torch.testing.assert_close(ours, theirs)
 print("== dinolab.adapter.Extractor (assert_close passed)")
 
-# %% [markdown]
+# %% [markdown] skip
 # ### One injector, by hand
 #
 # The same deformable attention with the roles swapped — the ViT's patch tokens query the **three** SPM levels
 # (`deform_inputs1`) — scaled by the LayerScale `γ` and added to the ViT tokens. With `γ = 0` (the init,
 # `init_values = 0`) it is exactly the identity; we set `γ = 0.1` to test the formula.
 
-# %%
+# %% skip
 seed_everything(2)
 inj = Injector(D, num_heads=HEADS, n_points=4, n_levels=3, deform_ratio=0.5, init_values=0.1).eval()
 with torch.no_grad():
@@ -357,14 +364,14 @@ with torch.no_grad():
     assert torch.equal(inj(x_vit, d1[0], c_tokens, d1[1], d1[2]), x_vit)
 print("gamma = 0: the injector is the identity (torch.equal)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ### The whole adapter forward, by hand
 #
 # Now every step of `DINOv3Adapter.forward`, with the adapter's own modules. With `verbose=True` it prints the
-# seed's tensor-flow table — we run it that way in section 4 on ViT-L at 512 × 512; here it runs quietly on the
+# blog post's tensor-flow table — we run it that way in section 4 on ViT-L at 512 × 512; here it runs quietly on the
 # tiny model and must equal `adapter(x)`.
 
-# %%
+# %% hide-input
 def adapter_by_hand(a, x, verbose=False):
     show = (lambda name, t: print(f"  {name:52s} {list(t.shape)}")) if verbose else (lambda name, t: None)
     B, _, H, W = x.shape
@@ -414,14 +421,14 @@ for k in theirs:
 print("adapter_by_hand(x) == DINOv3Adapter(x) for f1..f4:", {k: list(v.shape) for k, v in theirs.items()},
       "(assert_close passed)")
 
-# %% [markdown]
-# ## 4. The seed's setting: ViT-L, 512 × 512, batch 4
+# %% [markdown] slide
+# ## 4. The blog post's setting: ViT-L, 512 × 512, batch 4
 #
-# First the by-hand forward in verbose mode, on the **meta device** (shapes, no data, no arithmetic): the seed's
+# First the by-hand forward in verbose mode, on the **meta device** (shapes, no data, no arithmetic): the blog post's
 # "完整的张量流维度跟踪" (complete tensor-flow trace), step by step, including the tensors that are not module
 # outputs (the concatenated `c`, the split, the resized ViT maps).
 
-# %%
+# %% skip
 vitl = hub.dinov3_vitl16(device="meta")
 adapter_l = DINOv3Adapter(vitl, interaction_indexes=[4, 11, 17, 23], device="meta")  # official defaults otherwise
 x_l = torch.empty(4, 3, 512, 512, device="meta")
@@ -430,15 +437,15 @@ with torch.no_grad():
     out_l = adapter_by_hand(adapter_l, x_l, verbose=True)
 seed_shapes = {"1": (4, 1024, 128, 128), "2": (4, 1024, 64, 64), "3": (4, 1024, 32, 32), "4": (4, 1024, 16, 16)}
 assert {k: tuple(v.shape) for k, v in out_l.items()} == seed_shapes
-print("f1..f4 == the seed's 4 x [4,1024,128|64|32|16,...] (assert passed)")
+print("f1..f4 == the blog post's 4 x [4,1024,128|64|32|16,...] (assert passed)")
 
-# %% [markdown]
+# %% [markdown] notes
 # The same forward as a module table from `dinolab.trace` (`max_depth=2`; the SPM's inner layers are left out —
 # they are notebook 06's table). The backbone's final `norm` runs four times: once per read. `interactions.0-3`
 # take `(x_i, c, cls, deform_inputs1, deform_inputs2, H_c, W_c, H_toks, W_toks)` and return `(x_i, c, cls)`
 # with `x_i` and `cls` untouched.
 
-# %%
+# %% hide-input
 table = trace(adapter_l, x_l, max_depth=2)
 table = Trace([r for r in table if not r.name.startswith("spm.")])
 print(table)
@@ -449,12 +456,12 @@ assert rows["interactions.0-3.extractor"].output == "[4,5376,1024]"
 assert rows["interactions.3.extra_extractors.0-1"].count == 2
 assert rows["(model)"].output == "1=[4,1024,128,128], 2=[4,1024,64,64], 3=[4,1024,32,32], 4=[4,1024,16,16]"
 
-# %% [markdown]
+# %% [markdown] slide
 # **Parameters.** The adapter's trainable parameters for ViT-L, by part, with and without injectors (all counted on
 # the meta device). `tests/test_adapter.py` derives the extractor-only total, 16,654,272, independently from the
 # layer shapes.
 
-# %%
+# %% hide-input
 def parts(a):
     groups = {"SPM": a.spm, "extractors (4)": [b.extractor for b in a.interactions],
               "extra extractors (2)": [b.extra_extractors for b in a.interactions if b.extra_extractors is not None],
@@ -481,12 +488,12 @@ assert count_params(adapter_l) - train_plain == frozen and not any(p.requires_gr
 print(f"\nthe adapter trains {train_plain / frozen:.1%} of the backbone's size; injectors would add "
       f"{train_inj - train_plain:,} ({(train_inj - train_plain) / train_plain:.1%})")
 
-# %% [markdown]
+# %% [markdown] skip
 # For every released size, with the official `interaction_indexes` rule (`_get_backbone_out_indices` in
 # `dinov3/eval/segmentation/models/__init__.py`: `[4, 11, 17, 23]` for 24 blocks, otherwise
 # `i·(depth // 4) − 1`, i = 1..4) and the official 16 heads:
 
-# %%
+# %% skip
 def official_indexes(depth):
     return [4, 11, 17, 23] if depth == 24 else [i * (depth // 4) - 1 for i in range(1, 5)]
 
@@ -500,46 +507,46 @@ for name in hub.RELEASED:
                          trainable_only=True)
     print(f"{name:20s} {bb.embed_dim:5d} {str(idx):>16s} {n_plain:12,d} {n_inj:12,d} {count_params(bb):15,d}")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 5. A real run: the tiny pretrained backbone on ShapesWorld
 #
 # The adapter built in section 3 (random init — it is trained in notebook 10) on four 128 × 128 validation images.
 # The pyramid has strides 4/8/16/32: 32², 16², 8², 4² cells.
 
-# %%
+# %% hide-input
 with torch.no_grad():
     feats = adapter(x)
 for k, v in feats.items():
     print(f"f{k}: {list(v.shape)}  (stride {128 // v.shape[-1]})")
 assert [tuple(v.shape) for v in feats.values()] == [(n_img, D, 128 // s, 128 // s) for s in (4, 8, 16, 32)]
 
-# %% [markdown]
+# %% [markdown] notes
 # PCA maps of each level (3 principal components → RGB, fitted per level over the batch). Each level is the sum of
 # the **ViT's map** (stride 16, resized) and the **SPM** path, normalised. The second figure splits level 1 into its
 # three sources: the ViT part (x₁ bilinearly upsampled from 8 × 8 to 32 × 32), the SPM's c1, and `up(c2)` (c2 after
 # the extractors, upsampled by the transposed conv).
 
-# %%
+# %% slide hide-input
 def pca_maps(f):
     """[B, C, h, w] -> [B, h, w, 3] with one PCA over the whole batch."""
     return viz.pca_rgb(f.permute(0, 2, 3, 1))
 
 
-fig, axes = plt.subplots(2, 5, figsize=(9.4, 4))
+fig, axes = plt.subplots(2, 5, figsize=(12.8, 5.6))
 pcs = {k: pca_maps(v) for k, v in feats.items()}
 for row, i in enumerate([0, 1]):
     axes[row, 0].imshow(viz.to_numpy_image(batch["image"][i]))
-    axes[row, 0].set_title("image 128x128", fontsize=9)
+    axes[row, 0].set_title("image 128x128", fontsize=11)
     for col, k in enumerate(feats, start=1):
         axes[row, col].imshow(pcs[k][i].numpy())
         axes[row, col].set_title(f"f{k}: {feats[k].shape[-1]}x{feats[k].shape[-1]} (stride {128 // feats[k].shape[-1]})",
-                                 fontsize=9)
+                                 fontsize=11)
 for ax in axes.flat:
     ax.set_xticks([]), ax.set_yticks([])
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% slide hide-input
 with torch.no_grad():
     c1_sp, c2_sp, c3_sp, c4_sp = adapter.spm(x)
     c_all = torch.cat([c2_sp + adapter.level_embed[0], c3_sp + adapter.level_embed[1], c4_sp + adapter.level_embed[2]], 1)
@@ -555,19 +562,19 @@ energy = {name: t.square().mean().item() for name, t in [("ViT x1", vit_part), (
 print("f1 == norm1(c1 + up(c2) + ViT x1) (assert_close passed); share of the energy before the norm: "
       + ", ".join(f"{k} {v / sum(energy.values()):.2f}" for k, v in energy.items()))
 
-fig, axes = plt.subplots(1, 5, figsize=(10, 2.3))
+fig, axes = plt.subplots(1, 5, figsize=(12.8, 3.4))
 axes[0].imshow(viz.to_numpy_image(batch["image"][0]))
-axes[0].set_title("image", fontsize=9)
+axes[0].set_title("image", fontsize=11)
 for ax, f, title in [(axes[1], vit_part, "ViT x1, upsampled 8->32"), (axes[2], c1_sp, "SPM c1 (stride 4)"),
                      (axes[3], up_part, "up(c2): random 2x2 deconv"), (axes[4], feats["1"], "f1 = norm1(sum)")]:
     ax.imshow(pca_maps(f)[0].numpy())
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=11)
 for ax in axes:
     ax.set_xticks([]), ax.set_yticks([])
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # The three sources of level 1, at initialisation:
 #
 # * the **ViT part** is smooth — one vector per 16 × 16 patch, interpolated — but knows which region is which;
@@ -578,7 +585,7 @@ plt.show()
 #   transposed-conv artifact). Its kernel is learned: until the adapter is trained (notebook 10), this pattern is
 #   part of f1.
 
-# %% [markdown]
+# %% [markdown] slide
 # ### The backbone is untouched — unless there is an injector
 #
 # We record the ViT's token stream (the output of every block) with forward hooks, once when the backbone runs on
@@ -586,7 +593,7 @@ plt.show()
 # weights do not move when the adapter trains. Injector variant: with `γ = 0` (its init) it equals the
 # extractor-only adapter; with `γ ≠ 0` the ViT computes different tokens.
 
-# %%
+# %% hide-input
 def record_blocks(model_call):
     """Run model_call() and return the output of every backbone block, in call order."""
     seen = []
@@ -635,14 +642,14 @@ rel = [((b - a).norm() / a.norm()).item() for a, b in zip(alone, inside_inj)]
 assert len(inside_inj) == DEPTH and all(r > 1e-3 for r in rel)
 print("gamma = 0.1: relative change of each block's output tokens:", [round(r, 3) for r in rel])
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 6. What each design costs, and where gradients flow
 #
 # **Gradients.** One backward pass of a dummy loss (the sum of the squared features) in training mode, for the
 # extractor-only adapter, the injector variant at its init (`γ = 0`), and the injector variant with `γ = 0.1`.
 # Per group of parameters: no gradient at all (`None`), an exactly zero gradient, or a non-zero one.
 
-# %%
+# %% hide-input
 def grad_table(a):
     a = copy.deepcopy(a).train()
     a.zero_grad(set_to_none=True)
@@ -680,7 +687,7 @@ assert tables["injector, gamma=0"]["injector attention + norms"] == "zero"
 assert tables["injector, gamma=0.1"]["injector attention + norms"] == "non-zero"
 assert all(t["backbone (frozen)"] == "None" for t in tables.values())
 
-# %% [markdown]
+# %% [markdown] notes
 # * The frozen backbone never gets a `.grad` (its parameters do not require one). In the extractor-only adapter the
 #   ViT even runs under `no_grad`: no graph, no stored activations.
 # * With injectors, the gradient must pass *through* the frozen blocks to reach the injectors of earlier
@@ -693,7 +700,7 @@ assert all(t["backbone (frozen)"] == "None" for t in tables.values())
 # exact bytes depend on kernels (e.g. fused attention saves less); both variants are counted without gradient
 # checkpointing (`with_cp=False`; the official `with_cp=True` checkpoints the extractors and saves even less).
 
-# %%
+# %% skip
 def saved_bytes(a, inp):
     params = {id(p) for p in a.parameters()}
     saved = {}
@@ -723,11 +730,11 @@ for label in ("tiny, 128x128, batch 4", "ViT-L, 512x512, batch 4"):
     print(f"{label:26s} {a_ / 2**20:11,.0f} MiB {b_ / 2**20:9,.0f} MiB {b_ / a_:7.1f}")
 assert mem["ViT-L, 512x512, batch 4", True] > 3 * mem["ViT-L, 512x512, batch 4", False]
 
-# %% [markdown]
+# %% [markdown] skip
 # **Time.** Median of 3 runs on this machine (CPU, 2 threads; these numbers vary from run to run and are not
 # compared by CI): inference (`no_grad`) and one training step (forward + backward), batch 4 at 128 × 128.
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 def median_time(fn, reps=3):
     fn()  # warm-up
@@ -754,12 +761,12 @@ for label, a in [("extractor only", adapter), ("injector + extractor", adapter_i
     print(f"{label:22s} trainable {count_params(a, trainable_only=True):>10,d}   inference {1e3 * t_inf:7.0f} ms   "
           f"train step {1e3 * t_train:7.0f} ms")
 
-# %% [markdown]
+# %% [markdown] skip
 # On the tiny model the injector adds some time per step (printed above; the tiny ViT is cheap next to the SPM at
 # this resolution). At ViT-L and 512 × 512 the memory table decides: the injector design must keep the whole
 # backbone's activations for backward, the extractor-only design none.
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 result = {"adapter_trainable_vitl": train_plain, "injector_extra_vitl": train_inj - train_plain,
           "saved_mib_vitl_512_b4": round(mem["ViT-L, 512x512, batch 4", False] / 2**20),
@@ -768,21 +775,21 @@ result = {"adapter_trainable_vitl": train_plain, "injector_extra_vitl": train_in
           "ms_train_step_tiny_injector": round(1e3 * timings["injector + extractor"][1])}
 print("RESULT " + json.dumps(result))
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 7. Summary
 #
 # The adapter's module table for the tiny run (`dinolab.trace`, depth 2 without the SPM's inner layers) and a
 # `torchinfo` summary; the ViT-L table at 512 × 512 is in section 4.
 
-# %%
+# %% hide-input
 summary_table = trace(adapter, x, max_depth=2)
 print(Trace([r for r in summary_table if not r.name.startswith("spm.")]))
 
-# %%
+# %% skip
 print(torchinfo.summary(adapter, input_data=x, depth=1, col_names=("output_size", "num_params", "trainable"),
                         verbose=0))
 
-# %% [markdown]
+# %% [markdown] slide
 # ### What to remember
 #
 # * DINOv3's adapter = **frozen ViT** (read at 4 blocks, once, under `no_grad`) + **SPM** (c1 map, c2/c3/c4 tokens)
@@ -792,12 +799,13 @@ print(torchinfo.summary(adapter, input_data=x, depth=1, col_names=("output_size"
 # * Extractor: the **21·HW/1024 SPM tokens are the queries** (5376 at 512²), the ViT's 32 × 32 map the value;
 #   1-level deformable attention (16 heads, 4 points, value width D/2) + ConvFFN (D/4, depthwise conv per level).
 #   `deform_inputs2` = reference points `[1, 5376, 1, 2]`, shapes `[[32, 32]]`, start `[0]`.
-# * **No injector** (official; see the seed's corrections): the backbone's outputs are
+# * **No injector** (official; see the blog post's corrections): the backbone's outputs are
 #   untouched (bit-identical here), it can serve several heads, and no ViT activation is stored for backward.
 #   The original ViT-Adapter's injectors write into the ViT and need gradients through it — ≈4–5× the saved
 #   activations for ViT-L at 512², batch 4 (estimate above).
 # * ViT-L adapter: **16,654,272 trainable** parameters (5.5 % of the frozen 303 M backbone).
-#
+
+# %% [markdown] skip
 # ### Exercises
 #
 # 1. Set `add_vit_feature=False` and compare the PCA maps of f3 with and without the ViT maps added. Which levels

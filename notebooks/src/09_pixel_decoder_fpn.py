@@ -1,36 +1,37 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 09 · The pixel decoder and the FPN: two ways to fuse a feature pyramid
 #
 # The adapter (notebooks 06–08) turns the frozen ViT into a pyramid `{"1": f1, "2": f2, "3": f3, "4": f4}` at
 # strides 4, 8, 16 and 32. A segmentation head must now **fuse** these levels into one high-resolution map. The
-# seed describes two ways to do it, and DINOv3's official Mask2Former head uses both:
+# blog post this series started from describes two ways to do it, and DINOv3's official Mask2Former head uses both:
 #
 # * the **pixel decoder** (`MSDeformAttnPixelDecoder`, official `dinov3/eval/segmentation/models/heads/pixel_decoder.py`,
 #   from Mask2Former): the three coarse levels (1/32, 1/16, 1/8) become one token sequence, and a few
 #   **deformable-attention encoder layers** let every token read all levels, wherever the content says; then **one FPN
 #   step** brings the result to stride 4 → `mask_features`;
-# * a plain **FPN head** (the seed author's own decoder, `dinolab.seg_heads.FPNSegHead`): upsample, add a lateral
+# * a plain **FPN head** (the blog post author's own decoder, `dinolab.seg_heads.FPNSegHead`): upsample, add a lateral
 #   1×1 projection, smooth with a 3×3 conv, level by level — cheap, local, fixed.
-#
+
+# %% [markdown] notes
 # You will:
 #
-# 1. check the seed's shape table for ViT-L at 512 × 512 on the `meta` device (no memory, nothing computed);
+# 1. check the blog post's shape table for ViT-L at 512 × 512 on the `meta` device (no memory, nothing computed);
 # 2. **build the pixel decoder step by step** on real adapter features (input projections → sine position + level
 #    embedding → flatten → post-norm deformable encoder → FPN step), printing every shape, and check it equals
 #    `dinolab.pixel_decoder.MSDeformAttnPixelDecoder`;
-# 3. make the seed's comparison of the two fusion styles **measurable** on ShapesWorld: parameters, FLOPs, time, and
+# 3. make the blog post's comparison of the two fusion styles **measurable** on ShapesWorld: parameters, FLOPs, time, and
 #    after a short training what each preserves — region mIoU and boundary F-score.
 #
 # Expected run time: under a minute on 2 CPU cores.
 
-# %%
+# %% skip
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("09")))
 
-# %%
+# %% skip
 import math
 import time
 
@@ -53,7 +54,7 @@ from dinolab.trace import trace
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 
-plt.rcParams.update({"figure.dpi": 72, "font.size": 9})  # small figures: a light notebook
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a reader with a GPU can raise this: more images and training steps in section 4
@@ -61,23 +62,23 @@ print("device type:", DEVICE.type)
 
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
-# %% [markdown]
-# ## 1. The seed's shape table, checked on the `meta` device
+# %% [markdown] slide
+# ## 1. The blog post's shape table, checked on the `meta` device
 #
-# The seed follows one batch through the whole pipeline (B = 4, 512 × 512, ViT-L with D = 1024): adapter →
+# The blog post follows one batch through the whole pipeline (B = 4, 512 × 512, ViT-L with D = 1024): adapter →
 # `MSDeformAttnPixelDecoder` → its own FPN decoder → logits. We build exactly that — the ViT-L backbone, the
 # official adapter (interaction blocks `[4, 11, 17, 23]`), the pixel decoder with DINOv3's configuration
 # (`DINOV3_M2F_CONFIG`: width 2048, 16 heads, FFN 4096, 6 layers) and an FPN head — on the `meta` device, where
-# tensors have shapes but no data, and compare every shape with the seed's.
+# tensors have shapes but no data, and compare every shape with the blog post's.
 #
-# About the seed's FPN decoder: its text reads the pixel decoder's `multi_scale_features` (the three encoder maps at
+# About the blog post's FPN decoder: its text reads the pixel decoder's `multi_scale_features` (the three encoder maps at
 # 1/32, 1/16, 1/8), goes top-down from 16 × 16 to 64 × 64 and predicts **one** channel (its own binary task), so its
 # logits are `[4, 1, 64, 64]` (stride 8), upsampled ×8 to the image. `FPNSegHead` with three levels, one class and
-# `upsample_factor=8` is that head (with a constant width of 256; the seed's 256/128/64/42 widths are garbled in the
+# `upsample_factor=8` is that head (with a constant width of 256; the blog post's 256/128/64/42 widths are garbled in the
 # text).
 
-# %%
-SEED = {  # the seed's numbers ("完整的张量流维度跟踪" and the FPNHead section), B=4, 512x512, ViT-L
+# %% hide-input
+SEED = {  # the blog post's numbers ("完整的张量流维度跟踪" and the FPNHead section), B=4, 512x512, ViT-L
     "f1": (4, 1024, 128, 128), "f2": (4, 1024, 64, 64), "f3": (4, 1024, 32, 32), "f4": (4, 1024, 16, 16),
     "mask_features": (4, 2048, 128, 128),
     "FPN logits": (4, 1, 64, 64), "output": (4, 1, 512, 512),
@@ -92,7 +93,7 @@ with torch.device("meta"):
 
 
 class SeedPipeline(nn.Module):
-    """adapter → pixel decoder → the seed's FPN decoder on the multi-scale features (finest first)."""
+    """adapter → pixel decoder → the blog post's FPN decoder on the multi-scale features (finest first)."""
 
     def __init__(self, adapter, pixel_decoder, fpn_head):
         super().__init__()
@@ -107,7 +108,7 @@ class SeedPipeline(nn.Module):
 seed_pipeline = SeedPipeline(adapter_L, decoder_L, seed_head_L)
 print(trace(seed_pipeline, x_L, names=["adapter", "pixel_decoder", "fpn_head.cls_seg", "fpn_head"]))
 
-# %%
+# %% slide hide-input
 with torch.no_grad():
     feats_L = adapter_L(x_L)
     mask_features_L, multi_scale_L = decoder_L(feats_L)
@@ -117,7 +118,7 @@ ours = {**{f"f{i}": tuple(feats_L[str(i)].shape) for i in range(1, 5)},
         "mask_features": tuple(mask_features_L.shape), "FPN logits": tuple(logits64_L.shape),
         "output": tuple(out_L.shape)}
 arith = pixel_decoder_shapes()  # the same shapes by arithmetic (no module run)
-print(f"{'tensor':15s} {'seed':22s} {'ours (meta run)':22s}")
+print(f"{'tensor':15s} {'blog post':22s} {'ours (meta run)':22s}")
 for k in SEED:
     print(f"{k:15s} {str(SEED[k]):22s} {str(ours[k]):22s} {'ok' if SEED[k] == ours[k] else 'DIFFERENT'}")
     assert SEED[k] == ours[k]
@@ -129,7 +130,7 @@ print(f"encoder tokens: {arith['tokens (flattened)']}   (16² + 32² + 64² = {1
 print(f"pixel decoder (official config): {count_params(decoder_L) / 1e6:.1f} M parameters")
 
 # %% [markdown]
-# Every shape the seed gives is right. Two corrections to its text (checked against the official code and the run
+# Every shape the blog post gives is right. Two corrections to its text (checked against the official code and the run
 # above):
 #
 # * `multi_scale_features` has **three** maps (1/32, 1/16, 1/8, coarse to fine), not four: the encoder never sees
@@ -138,7 +139,7 @@ print(f"pixel decoder (official config): {count_params(decoder_L) / 1e6:.1f} M p
 # * "6 layers, 16 heads, dim = 4096": the width is **2048**; 4096 is the FFN's hidden size
 #   (`DINOV3_M2F_CONFIG["dim_feedforward"]`).
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. Build the pixel decoder step by step
 #
 # Now with real numbers, small enough to run in a second: two ShapesWorld scenes, the tiny pretrained backbone
@@ -154,7 +155,7 @@ print(f"pixel decoder (official config): {count_params(decoder_L) / 1e6:.1f} M p
 # * **pixel decoder**: width 96 (official 2048; a multiple of 32 for GroupNorm(32)), 4 heads (official 16), FFN 192
 #   (official 4096), **1** encoder layer (official 6), 4 points — the official structure at 1/20 of the width.
 
-# %%
+# %% hide-input
 CROP = (slice(112, 240), slice(64, 192))  # rows, columns of a 256-px render: where the objects stand
 
 
@@ -185,11 +186,11 @@ with torch.no_grad():  # BatchNorm calibration: running statistics = the exact a
 for k, f in feats.items():
     print(f"f{k}: {tuple(f.shape)}   stride {128 // f.shape[-1]}")
 
-# %% [markdown]
+# %% [markdown] skip
 # The decoder whose numbers we will reproduce. We build `dinolab`'s module first and then do every step by hand with
 # its weights; matching its output at the end checks both.
 
-# %%
+# %% skip
 CONV_DIM, HEADS, N_LAYERS, FFN = 96, 4, 1, 192
 seed_everything(0)
 pixel_decoder = MSDeformAttnPixelDecoder(192, conv_dim=CONV_DIM, mask_dim=CONV_DIM, num_heads=HEADS,
@@ -197,13 +198,13 @@ pixel_decoder = MSDeformAttnPixelDecoder(192, conv_dim=CONV_DIM, mask_dim=CONV_D
 print(f"{count_params(pixel_decoder):,} parameters; encoder levels (coarse first): {pixel_decoder.encoder_features}, "
       f"FPN level: {pixel_decoder.fpn_feature!r}")
 
-# %% [markdown]
+# %% [markdown] slide
 # ### Step 1 — input projections: 1×1 conv + GroupNorm on the three coarse levels
 #
 # Coarse first: `input_convs[0]` takes f4 (1/32), `[1]` f3, `[2]` f2. Each maps D = 192 → 96 channels and
 # normalises with GroupNorm(32 groups), which, unlike BatchNorm, does not depend on the batch.
 
-# %%
+# %% hide-input
 C = CONV_DIM
 levels = ["4", "3", "2"]  # 1/32, 1/16, 1/8
 srcs = []
@@ -213,7 +214,7 @@ for lvl, name in enumerate(levels):
     srcs.append(s)
     print(f"input_convs[{lvl}](f{name}): {tuple(feats[name].shape)} -> {tuple(s.shape)}")
 
-# %% [markdown]
+# %% [markdown] notes
 # ### Step 2 — position: a fixed 2-D sine embedding plus a learned level embedding
 #
 # Deformable attention needs to know *where* a token is: the position embedding is added to the **query** (it steers
@@ -225,7 +226,7 @@ for lvl, name in enumerate(levels):
 # For channel pair j (frequency $T^{-2j/F}$, T = 10000, F = C/2): channel 2j = sin, 2j+1 = cos of the scaled
 # coordinate; y first, then x.
 
-# %%
+# %% skip
 def sine_position(h: int, w: int, num_pos_feats: int, temperature: float = 10000.0) -> torch.Tensor:
     """[2F, h, w]: F channels encode the row (y), F the column (x); coordinates normalised to (0, 2π]."""
     eps, scale = 1e-6, 2 * math.pi
@@ -246,21 +247,21 @@ level_encoding = pixel_decoder.encoder.level_encoding
 print("level_encoding", tuple(level_encoding.shape))
 assert torch.equal(pos[0][: C // 2, :, 0], pos[0][: C // 2, :, -1])  # the first half depends on the row only
 
-# %%
-fig, axes = plt.subplots(2, 3, figsize=(7, 4.6))
+# %% slide hide-input
+fig, axes = plt.subplots(2, 3, figsize=(11, 6.4))
 for r, (ch, label) in enumerate([(C // 2 + 2, "x, sin of pair 1"), (4, "y, sin of pair 2")]):
     for c, (p, name) in enumerate(zip(pos, ["1/32 (4×4)", "1/16 (8×8)", "1/8 (16×16)"])):
         axes[r, c].imshow(p[ch].cpu(), cmap="RdBu", vmin=-1, vmax=1)
-        axes[r, c].set_title(f"{name}: channel {ch}\n({label})", fontsize=8)
+        axes[r, c].set_title(f"{name}: channel {ch}\n({label})", fontsize=11)
         axes[r, c].set_xticks([])
         axes[r, c].set_yticks([])
-fig.suptitle("Sine position embedding: the same pattern at every level (normalised coordinates)", fontsize=9)
+fig.suptitle("Sine position embedding: the same pattern at every level (normalised coordinates)", fontsize=13)
 plt.tight_layout()
 plt.show()
 print("level_encoding adds one learned constant per (level, channel): e.g. channel 4 gets "
       + ", ".join(f"{v:+.2f}" for v in level_encoding[:, 4].tolist()) + " at 1/32, 1/16, 1/8")
 
-# %% [markdown]
+# %% [markdown] slide
 # ### Step 3 — flatten the three levels into one token sequence
 #
 # Each map [B, C, h, w] becomes [B, h·w, C] (row-major), the levels are concatenated coarse first, and two small
@@ -268,7 +269,7 @@ print("level_encoding adds one learned constant per (level, channel): e.g. chann
 # **reference point** is its own pixel centre, normalised to [0, 1] as (x, y), and the same point is used on all three
 # levels: a token at 1/32 and its children at 1/8 look around the same place of the image.
 
-# %%
+# %% hide-input
 B = images.shape[0]
 shapes = [tuple(s.shape[-2:]) for s in srcs]
 src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
@@ -288,7 +289,7 @@ torch.testing.assert_close(ref, ref_lib)
 print(f"reference points {tuple(ref.shape)} == get_reference_points; token {starts[1]} (first of 1/16) is at "
       f"{[round(v, 4) for v in ref[0, starts[1], 0].tolist()]} on every level")
 
-# %% [markdown]
+# %% [markdown] slide
 # ### Step 4 — the encoder: post-norm deformable self-attention + ReLU FFN
 #
 # Every token is a query. It adds its position code, predicts 4 heads × 3 levels × 4 points = 48 sampling offsets
@@ -297,7 +298,7 @@ print(f"reference points {tuple(ref.shape)} == get_reference_points; token {star
 #
 # `src = LN(src + attn(src + pos, ref, src))`, then `src = LN(src + W2·relu(W1·src))`.
 
-# %%
+# %% hide-input
 src = src_flat
 shapes_t = torch.tensor(shapes, device=DEVICE)
 with torch.no_grad():
@@ -311,7 +312,7 @@ with torch.no_grad():
 enc_maps = [t.transpose(1, 2).reshape(B, C, h, w) for t, (h, w) in zip(src.split([h * w for h, w in shapes], 1), shapes)]
 print("split back into maps (multi_scale_features):", [tuple(m.shape) for m in enc_maps])
 
-# %% [markdown]
+# %% [markdown] slide
 # ### Step 5 — the FPN step to stride 4, and `mask_features`
 #
 # Only now does f1 (stride 4) come in: a lateral 1×1 conv (no bias) + GroupNorm, plus the encoder's 1/8 map
@@ -319,7 +320,7 @@ print("split back into maps (multi_scale_features):", [tuple(m.shape) for m in e
 # single step is all the "FPN" in the pixel decoder: the fine detail of f1 reaches `mask_features` through two small
 # convolutions, never through attention.
 
-# %%
+# %% hide-input
 with torch.no_grad():
     lat_conv, out_conv = pixel_decoder.lateral_convs[0], pixel_decoder.output_convs[0]
     lateral = F.group_norm(F.conv2d(feats["1"], lat_conv.weight), 32, lat_conv.norm.weight, lat_conv.norm.bias)
@@ -337,10 +338,10 @@ for a, b in zip(enc_maps, ms_lib):
     torch.testing.assert_close(a, b)
 print("by hand == dinolab MSDeformAttnPixelDecoder: mask_features and the 3 multi-scale maps match")
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 3. The two fusion styles, measured
 #
-# The seed's comparison, in words: deformable attention fuses **globally and adaptively** (each token chooses where
+# The blog post's comparison, in words: deformable attention fuses **globally and adaptively** (each token chooses where
 # to read, on every level) but is **costly** and "does not preserve high-frequency detail"; the FPN is **cheap and
 # keeps spatial detail** but its fusion is **local and fixed**. Notebook 07 compared their cost at 512² with ViT-L
 # widths. Here we train them on the same frozen adapter features and measure what each one keeps:
@@ -352,7 +353,7 @@ print("by hand == dinolab MSDeformAttnPixelDecoder: mask_features and the 3 mult
 # * **(A′) encoder only**: the same deformable encoder, classifier on its finest (1/8) output, upsampled ×8, without
 #   the FPN step — an ablation that isolates what deformable fusion alone keeps.
 #
-# The task is the seed's own: **one logit per pixel**, object vs background (its FPN head ends in `[4, 1, 64, 64]`).
+# The task is the blog post's own: **one logit per pixel**, object vs background (its FPN head ends in `[4, 1, 64, 64]`).
 # That keeps the question on *regions and boundaries*: with six classes, a few seconds of training mostly measure how
 # fast a head learns to tell a star from a circle (notebook 10 does that, end to end). Region quality is the IoU
 # (mean over background and object), boundary quality the boundary F-score: the fraction of predicted boundary pixels
@@ -362,7 +363,7 @@ print("by hand == dinolab MSDeformAttnPixelDecoder: mask_features and the 3 mult
 # training step cost only the head). Each head trains for the same 40 steps on the same batches of 8 (AdamW,
 # lr 2·10⁻³, cosine, binary cross-entropy).
 
-# %%
+# %% skip
 STEPS, BATCH = 40 * SCALE, 8
 fg_train, fg_val = (train_set["mask"] > 0).float(), (val_set["mask"] > 0).long()
 
@@ -379,7 +380,7 @@ cache_seconds = time.perf_counter() - t0
 print("cached adapter features:", {k: tuple(v.shape) for k, v in cache_train.items()})
 print(f"object pixels: {fg_train.mean():.3f} of the training pixels, {fg_val.float().mean():.3f} of the validation pixels")
 
-# %%
+# %% skip
 class PixelDecoderSeg(nn.Module):
     """(A) MSDeformAttnPixelDecoder + 1x1 classifier on mask_features (stride 4), upsampled to the image.
     (A') with fpn_step=False: the classifier reads the encoder's 1/8 output instead (no f1, no FPN step)."""
@@ -435,13 +436,13 @@ for name, c in cost.items():
     print(f"{name:18s} {c['params']:>9,d} {c['gflops']:>20.3f}")
 assert cost["A′: encoder only"]["gflops"] < cost["A: pixel decoder"]["gflops"] / 2
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 for name, c in cost.items():
     print(f"{name:18s} forward of {BATCH} images: {c['ms']:6.1f} ms")
 print(f"(the frozen backbone + adapter, computed once for {N_TRAIN + N_VAL} images: {cache_seconds:.1f} s)")
 
-# %% [markdown]
+# %% [markdown] skip
 # The FLOP counter sees the projections and convolutions; the deformable sampling itself (a gather, notebook 07) is
 # not counted and is small here. At 128² the pyramid is tiny (336 encoder tokens), so the deformable encoder is the
 # *cheap* part: (A) and (B) cost about the same, and both spend their FLOPs on convolutions at stride 4. Notebook 07
@@ -449,7 +450,7 @@ print(f"(the frozen backbone + adapter, computed once for {N_TRAIN + N_VAL} imag
 #
 # Now train each head: same steps, same batches.
 
-# %%
+# %% skip
 from dinolab.train import fit  # noqa: E402
 
 
@@ -484,7 +485,7 @@ for name, head in heads.items():
     results[name] = dict(miou=m, iou_fg=float(iou[1]), bf=f, bp=p, br=r)
 train_seconds = time.perf_counter() - t0
 
-# %%
+# %% slide hide-input
 # NBVAL_IGNORE_OUTPUT
 print(f"training {len(heads)} heads x {STEPS} steps: {train_seconds:.1f} s")
 rows = ["| head | params | GFLOPs / image | IoU object | mIoU (bg, object) | boundary F (2 px) | boundary precision | "
@@ -494,21 +495,21 @@ for name, r in results.items():
                 f"{r['miou']:.3f} | {r['bf']:.3f} | {r['bp']:.3f} | {r['br']:.3f} |")
 display(Markdown("\n".join(rows)))
 
-# %%
+# %% hide-input
 for name, r in results.items():
     assert r["miou"] > 0.6 and r["bf"] > 0.3, (name, r["miou"], r["bf"])  # every head learned the task
 # what the FPN step buys: without f1 and the FPN step, the boundaries come only from the 1/8 encoder map
 assert results["A: pixel decoder"]["bf"] > results["A′: encoder only"]["bf"]
 print("every head is above its floor; the FPN step gives the pixel decoder better boundaries than its encoder alone")
 
-# %% [markdown]
+# %% [markdown] slide
 # What the numbers say (the table above comes from the stored run; the asserts hold on every run):
 #
 # * **Regions**: (A) and (B) find the objects about equally well, and (A′), which never sees f1, is only a few
 #   points of IoU behind. Region quality comes mostly from the coarse levels, and the deformable encoder fuses them
 #   well.
 # * **Boundaries**: (A′) is clearly worst. Its logits live on the 1/8 grid (16 × 16 for a 128-px image) and are
-#   upsampled ×8, so every boundary is a smooth interpolation between 8-px cells. This is the seed's "loses
+#   upsampled ×8, so every boundary is a smooth interpolation between 8-px cells. This is the blog post's "loses
 #   high-frequency detail" — and it is a matter of **resolution, not of attention**: the encoder never runs at
 #   stride 4 (that would be 4× more tokens per level). The pixel decoder's one FPN step (A) restores much of it
 #   by adding the stride-4 lateral f1.
@@ -520,7 +521,7 @@ print("every head is above its floor; the FPN step gives the pixel decoder bette
 #
 # Below: predictions on validation scenes. Green: the true object boundary; red: the predicted one.
 
-# %%
+# %% slide hide-input
 def draw_boundaries(ax, img, pred, target, title):
     """Image with the true boundary (green) and, if pred is given, the predicted one (red) on top."""
     ax.imshow(viz.to_numpy_image(img))
@@ -529,13 +530,13 @@ def draw_boundaries(ax, img, pred, target, title):
     if pred is not None:
         overlay[boundaries(pred)] = torch.tensor([0.95, 0.1, 0.1, 1.0])
     ax.imshow(overlay.numpy())
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=11)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
 show = [3, 11]
-fig, axes = plt.subplots(len(show), 1 + len(preds), figsize=(10, 4.4))
+fig, axes = plt.subplots(len(show), 1 + len(preds), figsize=(12.8, 5.8))
 for r, i in enumerate(show):
     draw_boundaries(axes[r, 0], val_set["image"][i], None, fg_val[i], "ground truth (green)" if r == 0 else "")
     for c, (name, p) in enumerate(preds.items()):
@@ -544,7 +545,7 @@ for r, i in enumerate(show):
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # ### Where a token of the trained encoder looks
 #
 # Deformable attention is *content-adaptive*: each token predicts its own sampling points on every level. Below, one
@@ -552,7 +553,7 @@ plt.show()
 # initialisation (the official init puts each head's points on a ring in its own direction; notebook 07) and after
 # training (A). Marker size: attention weight.
 
-# %%
+# %% slide hide-input
 @torch.no_grad()
 def sampling_points(head: PixelDecoderSeg, feats: dict, token: int):
     """Locations [L, M, P, 2] (x, y in [0, 1]) and weights [L, M, P] of one token in the first encoder layer."""
@@ -578,7 +579,7 @@ token = starts[2] + int(fg8.flatten().argmax())  # the 1/8 token most covered by
 feats_one = {k: v[i_img:i_img + 1].to(DEVICE) for k, v in cache_val.items()}
 seed_everything(0)
 fresh = PixelDecoderSeg(fpn_step=True).to(DEVICE).eval()
-fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 5.6))
 for ax, (title, head) in zip(axes, [("at initialisation", fresh), ("after training (A)", heads["A: pixel decoder"])]):
     locs, weights, refp = sampling_points(head, feats_one, token)
     ax.imshow(viz.to_numpy_image(val_set["image"][i_img]))
@@ -588,30 +589,30 @@ for ax, (title, head) in zip(axes, [("at initialisation", fresh), ("after traini
     ax.scatter([refp[0] * 128], [refp[1] * 128], marker="*", s=150, c="white", edgecolors="black")
     ax.set_xlim(0, 128)
     ax.set_ylim(128, 0)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=11)
     ax.set_xticks([])
     ax.set_yticks([])
-axes[0].legend(fontsize=7, loc="lower left")
+axes[0].legend(fontsize=10, loc="lower left")
 plt.tight_layout()
 plt.show()
 print(f"token {token} (level 1/8), reference point {[round(v, 3) for v in refp.tolist()]}; "
       f"{HEADS} heads x 3 levels x 4 points = {HEADS * 12} samples")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. Summary
 #
 # The shape table of the trained pixel-decoder head (A) on one 128 × 128 scene:
 
-# %%
+# %% hide-input
 print(trace(heads["A: pixel decoder"].decoder, one, max_depth=1))
 
-# %% [markdown]
-# And of DINOv3's pixel decoder at the seed's size (B = 4, 512², ViT-L features, official widths), on the `meta` device:
+# %% [markdown] skip
+# And of DINOv3's pixel decoder at the blog post's size (B = 4, 512², ViT-L features, official widths), on the `meta` device:
 
-# %%
+# %% skip
 print(trace(decoder_L, feats_L, max_depth=1))
 
-# %% [markdown]
+# %% [markdown] slide
 # ### What to remember
 #
 # * The pixel decoder = **input projections** (1×1 conv + GN) of the three coarse levels → **sine position + level
@@ -626,7 +627,8 @@ print(trace(decoder_L, feats_L, max_depth=1))
 #   runs at.
 # * Our settings (width 96, 1 encoder layer, frozen random adapter, 128² zoomed scenes, binary task) are ours, for a
 #   CPU; the structure and parameter names are the official ones, so the official weights would load.
-#
+
+# %% [markdown] skip
 # ### Exercises
 #
 # 1. Set `N_LAYERS = 2` (or 6, as DINOv3) and retrain (A) and (A′). Does a deeper encoder close (A′)'s boundary gap,
@@ -637,5 +639,5 @@ print(trace(decoder_L, feats_L, max_depth=1))
 #    and how do its FLOPs compare with the FPN step's?
 # 4. Train the three heads on six classes (`val_set["mask"]`) instead of object vs background, for 5× more steps.
 #    Which head learns the shape classes fastest?
-# 5. Run the seed pipeline of section 1 with `dinov3_vit7b16` on the `meta` device: which shapes change, and which
+# 5. Run the blog post pipeline of section 1 with `dinov3_vit7b16` on the `meta` device: which shapes change, and which
 #    stay the same?
