@@ -191,7 +191,7 @@ DECK_TEMPLATE = r"""{%- extends 'reveal/index.html.j2' -%}
 .reveal .jp-RenderedHTMLCommon p, .reveal .jp-RenderedHTMLCommon li { line-height: 1.35; }
 .reveal .jp-RenderedHTMLCommon table { font-size: 18px; margin: 6px 0; }
 .reveal .jp-RenderedHTMLCommon td, .reveal .jp-RenderedHTMLCommon th { padding: 3px 8px; }
-.reveal pre { font-size: 15px; line-height: 1.25; box-sizing: border-box; white-space: pre-wrap;
+.reveal pre { font-size: 16px; line-height: 1.25; box-sizing: border-box; white-space: pre-wrap;
               overflow-wrap: anywhere; }
 .reveal .jp-OutputArea-output img { max-height: 600px; max-width: 100%; width: auto; height: auto; }
 .reveal .jp-Cell { padding: 2px 0; }

@@ -439,13 +439,13 @@ seed_shapes = {"1": (4, 1024, 128, 128), "2": (4, 1024, 64, 64), "3": (4, 1024, 
 assert {k: tuple(v.shape) for k, v in out_l.items()} == seed_shapes
 print("f1..f4 == the blog post's 4 x [4,1024,128|64|32|16,...] (assert passed)")
 
-# %% [markdown] notes
+# %% [markdown] skip
 # The same forward as a module table from `dinolab.trace` (`max_depth=2`; the SPM's inner layers are left out —
 # they are notebook 06's table). The backbone's final `norm` runs four times: once per read. `interactions.0-3`
 # take `(x_i, c, cls, deform_inputs1, deform_inputs2, H_c, W_c, H_toks, W_toks)` and return `(x_i, c, cls)`
 # with `x_i` and `cls` untouched.
 
-# %% hide-input
+# %% skip
 table = trace(adapter_l, x_l, max_depth=2)
 table = Trace([r for r in table if not r.name.startswith("spm.")])
 print(table)
@@ -456,7 +456,7 @@ assert rows["interactions.0-3.extractor"].output == "[4,5376,1024]"
 assert rows["interactions.3.extra_extractors.0-1"].count == 2
 assert rows["(model)"].output == "1=[4,1024,128,128], 2=[4,1024,64,64], 3=[4,1024,32,32], 4=[4,1024,16,16]"
 
-# %% [markdown] slide
+# %% [markdown]
 # **Parameters.** The adapter's trainable parameters for ViT-L, by part, with and without injectors (all counted on
 # the meta device). `tests/test_adapter.py` derives the extractor-only total, 16,654,272, independently from the
 # layer shapes.
@@ -775,13 +775,13 @@ result = {"adapter_trainable_vitl": train_plain, "injector_extra_vitl": train_in
           "ms_train_step_tiny_injector": round(1e3 * timings["injector + extractor"][1])}
 print("RESULT " + json.dumps(result))
 
-# %% [markdown] slide
+# %% [markdown] skip
 # ## 7. Summary
 #
 # The adapter's module table for the tiny run (`dinolab.trace`, depth 2 without the SPM's inner layers) and a
 # `torchinfo` summary; the ViT-L table at 512 × 512 is in section 4.
 
-# %% hide-input
+# %% skip
 summary_table = trace(adapter, x, max_depth=2)
 print(Trace([r for r in summary_table if not r.name.startswith("spm.")]))
 

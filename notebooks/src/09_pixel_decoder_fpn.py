@@ -77,7 +77,7 @@ CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 # `upsample_factor=8` is that head (with a constant width of 256; the blog post's 256/128/64/42 widths are garbled in the
 # text).
 
-# %% hide-input
+# %% slide hide-input
 SEED = {  # the blog post's numbers ("完整的张量流维度跟踪" and the FPNHead section), B=4, 512x512, ViT-L
     "f1": (4, 1024, 128, 128), "f2": (4, 1024, 64, 64), "f3": (4, 1024, 32, 32), "f4": (4, 1024, 16, 16),
     "mask_features": (4, 2048, 128, 128),
@@ -108,7 +108,7 @@ class SeedPipeline(nn.Module):
 seed_pipeline = SeedPipeline(adapter_L, decoder_L, seed_head_L)
 print(trace(seed_pipeline, x_L, names=["adapter", "pixel_decoder", "fpn_head.cls_seg", "fpn_head"]))
 
-# %% slide hide-input
+# %% hide-input
 with torch.no_grad():
     feats_L = adapter_L(x_L)
     mask_features_L, multi_scale_L = decoder_L(feats_L)
@@ -129,7 +129,7 @@ assert [tuple(m.shape) for m in multi_scale_L] == [arith[f"multi_scale_features[
 print(f"encoder tokens: {arith['tokens (flattened)']}   (16² + 32² + 64² = {16**2 + 32**2 + 64**2})")
 print(f"pixel decoder (official config): {count_params(decoder_L) / 1e6:.1f} M parameters")
 
-# %% [markdown]
+# %% [markdown] notes
 # Every shape the blog post gives is right. Two corrections to its text (checked against the official code and the run
 # above):
 #
@@ -598,12 +598,12 @@ plt.show()
 print(f"token {token} (level 1/8), reference point {[round(v, 3) for v in refp.tolist()]}; "
       f"{HEADS} heads x 3 levels x 4 points = {HEADS * 12} samples")
 
-# %% [markdown] slide
+# %% [markdown] skip
 # ## 4. Summary
 #
 # The shape table of the trained pixel-decoder head (A) on one 128 × 128 scene:
 
-# %% hide-input
+# %% skip
 print(trace(heads["A: pixel decoder"].decoder, one, max_depth=1))
 
 # %% [markdown] skip
