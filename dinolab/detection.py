@@ -101,13 +101,19 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        # as DETR: one cost matrix for the whole batch [B, Q, ΣT], then one assignment per image on its own columns
+        B, Q = outputs["pred_logits"].shape[:2]
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in targets]
+        labels = torch.cat([t["labels"] for t in targets]).to(outputs["pred_logits"].device)
+        boxes = torch.cat([t["boxes"] for t in targets])
+        C = self.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1), labels, boxes)
+        C = C.view(B, Q, -1).cpu()
         out = []
-        for b, t in enumerate(targets):
-            if len(t["labels"]) == 0:
-                out.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)))
-                continue
-            C = self.cost_matrix(outputs["pred_logits"][b], outputs["pred_boxes"][b], t["labels"], t["boxes"])
-            i, j = linear_sum_assignment(C.cpu().numpy())
+        for b, c in enumerate(C.split(sizes, -1)):
+            i, j = linear_sum_assignment(c[b].numpy()) if sizes[b] else ([], [])
             out.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
         return out
 

@@ -72,6 +72,20 @@ def uncertain_points(logits: Tensor, num_points: int, oversample_ratio: float = 
     return torch.cat([chosen, rest], 1)
 
 
+def _sample_pairs(pred: Tensor, tgt: Tensor, num_points: int | None) -> tuple[Tensor, Tensor]:
+    """``pred [Q, 1, h, w]``, ``tgt [T, 1, H, W]`` → values ``[Q, P]``, ``[T, P]`` at the same points: ``num_points``
+    uniform random ones, or (None) the pixel centres of the prediction grid — read directly when the target has the
+    prediction's size (the same numbers as ``point_sample`` there, without the sampling)."""
+    if num_points is None and tgt.shape[-2:] == pred.shape[-2:]:
+        return pred.flatten(1), tgt.flatten(1)
+    if num_points is None:
+        coords = grid_points(*pred.shape[-2:], device=pred.device, dtype=pred.dtype)[None]
+    else:
+        coords = torch.rand(1, num_points, 2, device=pred.device, dtype=pred.dtype)
+    return (point_sample(pred, coords.expand(len(pred), -1, -1))[:, 0],
+            point_sample(tgt, coords.expand(len(tgt), -1, -1))[:, 0])
+
+
 # ---------------------------------------------------------------------------------------------- mask costs
 
 
@@ -124,12 +138,7 @@ class HungarianMatcher(nn.Module):
     def cost_matrix(self, logits: Tensor, masks: Tensor, labels: Tensor, tgt_masks: Tensor) -> Tensor:
         """One image: ``logits [Q, C+1]``, ``masks [Q, h, w]``, ``labels [T]``, ``tgt_masks [T, H, W]`` → ``[Q, T]``."""
         cost_class = -logits.softmax(-1)[:, labels]
-        if self.num_points is None:
-            coords = grid_points(*masks.shape[-2:], device=masks.device, dtype=masks.dtype)[None]
-        else:
-            coords = torch.rand(1, self.num_points, 2, device=masks.device, dtype=masks.dtype)
-        out = point_sample(masks[:, None].float(), coords.float().expand(len(masks), -1, -1))[:, 0]
-        tgt = point_sample(tgt_masks[:, None].float(), coords.float().expand(len(tgt_masks), -1, -1))[:, 0]
+        out, tgt = _sample_pairs(masks[:, None].float(), tgt_masks[:, None].float(), self.num_points)
         return (self.cost_mask * batch_sigmoid_ce_loss(out, tgt) + self.cost_class * cost_class
                 + self.cost_dice * batch_dice_loss(out, tgt))
 
@@ -189,12 +198,12 @@ class SetCriterion(nn.Module):
             zero = outputs["pred_masks"].sum() * 0.0
             return zero, zero
         if self.num_points is None:
-            coords = grid_points(*pred.shape[-2:], device=pred.device, dtype=pred.dtype)[None].expand(len(pred), -1, -1)
+            point_logits, point_labels = _sample_pairs(pred, tgt, None)
         else:
             coords = uncertain_points(pred.detach(), self.num_points, self.oversample_ratio,
                                       self.importance_sample_ratio)
-        point_labels = point_sample(tgt, coords)[:, 0]
-        point_logits = point_sample(pred, coords)[:, 0]
+            point_labels = point_sample(tgt, coords)[:, 0]
+            point_logits = point_sample(pred, coords)[:, 0]
         return sigmoid_ce_loss(point_logits, point_labels, num_masks), dice_loss(point_logits, point_labels, num_masks)
 
     def single(self, outputs: dict, targets: list[dict], num_masks: float) -> tuple[dict, list]:
