@@ -63,9 +63,14 @@ def main(argv: list[str]) -> int:
     base = f"http://127.0.0.1:{port}"
     problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
+        # a throw-away settings directory: no news prompt, and the user's own settings are left alone
+        settings = Path(tmp) / "user-settings"
+        (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+        (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+            json.dumps({"fetchNews": "false", "checkForUpdates": False}))
         cmd = [str(VENV_BIN / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
                f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebook.parent}",
-               f"--LabApp.workspaces_dir={tmp}", "--LabApp.news_url=None"]
+               f"--LabApp.workspaces_dir={tmp}", f"--LabApp.user_settings_dir={settings}", "--LabApp.news_url=None"]
         if os.geteuid() == 0:
             cmd.append("--allow-root")
         env = {**os.environ, "JUPYTER_RUNTIME_DIR": tmp}
@@ -96,13 +101,23 @@ def main(argv: list[str]) -> int:
                 page.goto(f"{base}/lab/tree/{notebook.name}?token={token}")
                 page.wait_for_selector(".jp-NotebookPanel .jp-OutputArea-output", timeout=120_000)
                 page.wait_for_selector(".jp-NotebookPanel .jp-RenderedMarkdown h1", timeout=60_000)
-                # scroll to the first figure (or table) so that the screenshot shows rendered output
-                n_outputs = page.evaluate("() => document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output').length")
-                target = page.query_selector(".jp-NotebookPanel .jp-RenderedImage img") or \
-                    page.query_selector(".jp-NotebookPanel .jp-RenderedMarkdown table")
-                if target is not None:
-                    target.scroll_into_view_if_needed()
+                # JupyterLab renders only the cells near the viewport: walk down (command mode, "j") until the
+                # first figure is rendered, so that the screenshot shows one
+                page.click(".jp-NotebookPanel .jp-Cell .jp-InputArea")
+                page.keyboard.press("Escape")
+                n_images = 0
+                for _ in range(80):
+                    n_images = page.evaluate("() => document.querySelectorAll('.jp-NotebookPanel .jp-RenderedImage img').length")
+                    if n_images:
+                        break
+                    page.keyboard.press("j")
+                    page.wait_for_timeout(150)
+                if n_images:
+                    page.query_selector(".jp-NotebookPanel .jp-RenderedImage img").scroll_into_view_if_needed()
                     page.wait_for_timeout(1500)
+                else:
+                    problems.append("no figure was rendered")
+                n_outputs = page.evaluate("() => document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output').length")
                 broken = page.evaluate("""() => [...document.querySelectorAll('.jp-NotebookPanel img')]
                     .filter(i => i.complete && i.naturalWidth === 0).length""")
                 if broken:
@@ -110,7 +125,7 @@ def main(argv: list[str]) -> int:
                 shot = shots / f"lab_{notebook.stem}.png"
                 page.screenshot(path=str(shot))
                 browser.close()
-            print(f"{notebook.name}: {n_outputs} rendered outputs, RISE {'installed' if rise else 'missing'}, "
+            print(f"{notebook.name}: {n_outputs} outputs rendered on screen, RISE {'installed' if rise else 'missing'}, "
                   f"screenshot {shot.relative_to(ROOT)}")
         finally:
             os.killpg(server.pid, signal.SIGTERM)  # the server we started and its kernels
