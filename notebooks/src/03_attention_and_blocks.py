@@ -149,7 +149,8 @@ plt.show()
 # `(B, N, 3, heads, D_head)`.
 #
 # We use a toy size so the shapes stay readable: $D = 64$, 4 heads of 16, one [CLS] token and
-# 4 storage tokens (the DINOv3 layout, notebook 04) followed by a 4 × 4 grid of patch tokens.
+# 4 storage tokens (the DINOv3 token layout, [notebook 00](00_dino_v1_v2_v3.ipynb)) followed by a 4 × 4 grid of
+# patch tokens.
 
 # %% hide-input
 seed_everything(0)
@@ -259,7 +260,8 @@ print("our multi-head attention (RoPE on patches only) == dinolab SelfAttention 
 # %% [markdown] notes
 # ## 3. What RoPE alone does to attention
 #
-# A random-init attention map is noise. A more instructive picture: give **every** patch the
+# [Notebook 02](02_rope.ipynb) shows that a RoPE logit depends only on the offset between two patches, with its
+# offset maps; here we ask which rotation pairs make which pattern. A random-init attention map is noise. A more instructive picture: give **every** patch the
 # same content vector $c$ ($q_i = k_i = c$ before rotation), so the only thing that differs
 # between tokens is RoPE. Then $q_i \cdot k_j = (R_i c)\cdot(R_j c) = c^\top R_{j-i}\, c$:
 # a **pure positional** pattern that depends only on the offset between the patches. Which pattern
