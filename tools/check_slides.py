@@ -17,6 +17,11 @@ import os
 import sys
 from pathlib import Path
 
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+except ImportError:  # reported in main()
+    PlaywrightTimeout = TimeoutError
+
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = ROOT / "slides"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -24,6 +29,14 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--disable-component-update", "--no-first-run", "--disable-sync"]
 TOLERANCE = 2  # px: rounding of layout sizes
 TIMEOUT_MS = 180_000  # per step; generous, so that a busy machine does not fail the check
+MATH_TIMEOUT_MS = 60_000
+MATH_SHOWN = """() => {
+  const s = Reveal.getCurrentSlide();
+  const onSlide = e => !e.closest('aside.notes');  // speaker notes are not shown
+  const n = [...s.querySelectorAll('script[type^="math/tex"]')].filter(onSlide).length;
+  const shown = [...s.querySelectorAll('.MathJax_CHTML')].filter(onSlide);
+  return shown.length >= n && shown.every(e => e.getBoundingClientRect().width > 0);
+}"""
 # Wait until the slide on screen is final: MathJax 2 typesets in a queue (and nbconvert's deck re-typesets each
 # slide when it is shown), and text in a web font stays invisible until the font has loaded.
 SETTLE = """() => new Promise(resolve => {
@@ -87,15 +100,23 @@ def check_deck(browser, deck: Path, shots: Path, all_shots: bool, shot_index: in
     page.evaluate(SETTLE)
     indices = page.evaluate("() => Reveal.getSlides().map(s => Reveal.getIndices(s))")
 
-    def show(ix):  # go to a slide and wait until MathJax has (re)typeset it and its fonts are in
+    def show(ix) -> bool:  # go to a slide and wait until MathJax has (re)typeset it and its fonts are in
         page.evaluate(f"() => Reveal.slide({ix['h']}, {ix.get('v') or 0})")
         page.evaluate(SETTLE)
+        try:  # every formula of the slide typeset and laid out (width > 0 once its web font is in)
+            page.wait_for_function(MATH_SHOWN, timeout=MATH_TIMEOUT_MS)
+        except PlaywrightTimeout:
+            return False
+        page.evaluate(SETTLE)
+        return True
 
     first_figure = None
     for i, ix in enumerate(indices):
-        show(ix)
+        math_ok = show(ix)
         m = page.evaluate(MEASURE)
         where = f"slide {i + 1}/{len(indices)} ({m['title'].strip().rstrip('¶')[:50] or 'no title'})"
+        if not math_ok:
+            problems.append(f"{where}: a formula was not typeset within {MATH_TIMEOUT_MS // 1000} s")
         if verbose:
             print(f"  {where}: {m['w']} x {m['h']}", flush=True)
         if m["h"] > m["H"] + TOLERANCE:

@@ -512,7 +512,7 @@ plt.show()
 #   To keep the parameter count of a two-matrix MLP, the hidden width is cut to two thirds and
 #   rounded **up** to a multiple of `align_to` (8 for `"swiglu"`; 32/64/128 for `"swiglu32"` /
 #   `"swiglu64"` / `"swiglu128"`; `dinov3/layers/ffn_layers.py`):
-#   $d = \lfloor 2h/3 \rfloor$, $\;h_\text{SwiGLU} = d + (-d \bmod \text{align\_to})$.
+#   $d = \lfloor 2h/3 \rfloor$, $\;h_\text{SwiGLU} = d + (-d \bmod \mathtt{align\_to})$.
 
 # %% skip
 def swiglu_width(hidden, align_to=8):
