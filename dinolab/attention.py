@@ -53,7 +53,6 @@ class SelfAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         mask_k_bias: bool = False,
-        fused_rope: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -67,7 +66,6 @@ class SelfAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.fused_rope = fused_rope  # not official: see _rope_in_place
 
     def apply_rope(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """q, k: (B, heads, N, D_head); rope: (sin, cos), each (H*W, D_head). Rotates the last H*W
@@ -85,8 +83,6 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        if rope is not None and self.fused_rope:
-            qkv, rope = self._rope_in_place(qkv, rope), None
         q, k, v = qkv.unbind(2)  # each (B, N, heads, D_head)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, N, D_head)
         if rope is not None:
@@ -94,17 +90,3 @@ class SelfAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
-
-    def _rope_in_place(self, qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """``fused_rope=True``: the rotation of ``apply_rope`` (same numbers), done on q and k together and
-        written back into the qkv output (B, N, 3, heads, D_head): one pass instead of two slices, two rotations
-        and two concatenations, faster on a busy CPU (tests/benchmarks/backbone_speed.py). In-place is safe for
-        autograd: a Linear does not keep its output for the backward pass."""
-        sin, cos = rope
-        prefix = qkv.shape[1] - sin.shape[0]  # cls + storage tokens: not rotated
-        if prefix < 0:
-            raise ValueError(f"RoPE has {sin.shape[0]} positions but there are only {qkv.shape[1]} tokens")
-        qk = qkv[:, prefix:, :2]  # (B, H*W, 2, heads, D_head)
-        s, c = sin[:, None, None, :], cos[:, None, None, :]  # broadcast over (q|k, heads)
-        qkv[:, prefix:, :2] = rope_apply(qk.to(sin.dtype), s, c).to(qkv.dtype)
-        return qkv

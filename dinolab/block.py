@@ -111,14 +111,12 @@ class SelfAttentionBlock(nn.Module):
         attn_class: type[nn.Module] = SelfAttention,
         ffn_layer=Mlp,
         mask_k_bias: bool = False,
-        fused_rope: bool = False,
         device=None,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = attn_class(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
-                               attn_drop=attn_drop, proj_drop=drop, mask_k_bias=mask_k_bias, fused_rope=fused_rope,
-                               device=device)
+                               attn_drop=attn_drop, proj_drop=drop, mask_k_bias=mask_k_bias, device=device)
         self.ls1 = LayerScale(dim, init_values, device=device) if init_values else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = ffn_layer(in_features=dim, hidden_features=int(dim * ffn_ratio), act_layer=act_layer,

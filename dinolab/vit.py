@@ -65,11 +65,8 @@ class DinoVisionTransformer(nn.Module):
         mask_k_bias: bool = False,
         untie_cls_and_patch_norms: bool = False,
         untie_global_and_local_cls_norm: bool = False,
-        fused_rope: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        """Official kwargs, plus ``fused_rope`` (ours, no parameters): rotate q and k in place inside the
-        fused qkv output, same numbers as the readable ``SelfAttention.apply_rope`` (see attention.py)."""
         super().__init__()
         if ffn_layer not in FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected one of {sorted(FFN_LAYERS)}")
@@ -104,7 +101,7 @@ class DinoVisionTransformer(nn.Module):
                     dim=embed_dim, num_heads=num_heads, ffn_ratio=ffn_ratio, qkv_bias=qkv_bias,
                     proj_bias=proj_bias, ffn_bias=ffn_bias, drop_path=drop_path_rate, norm_layer=norm,
                     act_layer=nn.GELU, ffn_layer=FFN_LAYERS[ffn_layer], init_values=layerscale_init,
-                    mask_k_bias=mask_k_bias, fused_rope=fused_rope,
+                    mask_k_bias=mask_k_bias,
                 )
                 for _ in range(depth)
             )
