@@ -282,7 +282,8 @@ def ms_deform_attn_brute(value, shapes, loc, attn):
 # %% [markdown] slide
 # Now a tiny random case in float64 — non-square levels, one of them a single column, locations in
 # $[-0.3, 1.3]$ so many points fall (partly) outside — compared four ways: the brute-force loop, our vectorised
-# version, `dinolab.msdeform.ms_deform_attn` (a fused gather-sum with its own CPU backward) and transformers'
+# version, `dinolab.msdeform.ms_deform_attn` (by default the official `grid_sample` core; `fused=True` switches to a gather-sum
+# with a hand-written CPU backward, tested equal) and transformers'
 # `MultiScaleDeformableAttention` (the pure-PyTorch reference from
 # `transformers/models/deformable_detr/modeling_deformable_detr.py`, which is the official
 # `ms_deform_attn_core_pytorch`: one `grid_sample` per level).
@@ -320,8 +321,8 @@ for name, out in results.items():
 # A bigger case (3 levels, 4 heads, 4 points, 2 × 60 queries): our vectorised version, dinolab and transformers
 # agree; and so do their **gradients** with respect to all three inputs. That matters: the official repository
 # runs this forward in pure PyTorch, but its custom `autograd.Function` needs the compiled CUDA op for the
-# backward, so the official head cannot be trained on a CPU. `dinolab.msdeform` has its own CPU backward;
-# transformers' reference gets its gradient from autograd through `grid_sample`.
+# backward, so the official head cannot be trained on a CPU. `dinolab.msdeform` gets its gradient from autograd through
+# `grid_sample` by default, as transformers' reference does (its `fused=True` path has a hand-written CPU backward).
 
 # %% hide-input
 shapes3 = [(8, 10), (4, 5), (2, 3)]
@@ -683,7 +684,7 @@ for base, S, fd, fn, md, mn in rows:
 assert rows[-1][3] / rows[-1][2] > 10 * rows[0][3] / rows[0][2]  # the gap widens with resolution
 
 # %% [markdown] notes
-# Timing on this machine (forward only, batch 1, `no_grad`, best of 3): dinolab's `MSDeformAttn`, the same layer
+# Timing on this machine (forward only, batch 1, `no_grad`, best of 3): dinolab's `MSDeformAttn(fused=True)`, the same layer
 # with transformers' `grid_sample` core, and dense attention through `F.scaled_dot_product_attention` (whose fused
 # kernels never store the attention matrix, but still do the quadratic work). Dense attention at 128² would take
 # seconds, so there we time **1/16 of the queries** against all keys and multiply by 16 — its cost is exactly
@@ -704,7 +705,7 @@ def best_time(fn, n=3):
 
 
 seed_everything(0)
-deform_t, dense_t = MSDeformAttn(d_c, 3, M_c, P_c).to(DEVICE), DenseSelfAttention(d_c, M_c).to(DEVICE)
+deform_t, dense_t = MSDeformAttn(d_c, 3, M_c, P_c, fused=True).to(DEVICE), DenseSelfAttention(d_c, M_c).to(DEVICE)
 hf_core = MultiScaleDeformableAttention()
 times = {"dinolab MSDeformAttn": [], "transformers core": [], "dense (SDPA)": []}
 with torch.no_grad():
@@ -763,7 +764,7 @@ plt.show()
 # Every 4× more tokens cost dense attention 16× more, deformable attention 4× more. At the 128² base level the
 # dense attention matrix alone (8 heads) would need the memory in the table; the deformable layer's largest
 # intermediate is the $L_q \times L P \times d$ block of samples of the `grid_sample` reference, which dinolab's
-# fused gather-sum does not materialise.
+# fused gather-sum (`fused=True`) does not materialise.
 
 # %% [markdown] slide
 # ## 7. The blog post's two fusion styles, in numbers
