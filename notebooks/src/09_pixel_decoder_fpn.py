@@ -248,7 +248,7 @@ print("level_encoding", tuple(level_encoding.shape))
 assert torch.equal(pos[0][: C // 2, :, 0], pos[0][: C // 2, :, -1])  # the first half depends on the row only
 
 # %% slide hide-input
-fig, axes = plt.subplots(2, 3, figsize=(11, 6.4))
+fig, axes = plt.subplots(2, 3, figsize=(11, 5.5))
 for r, (ch, label) in enumerate([(C // 2 + 2, "x, sin of pair 1"), (4, "y, sin of pair 2")]):
     for c, (p, name) in enumerate(zip(pos, ["1/32 (4×4)", "1/16 (8×8)", "1/8 (16×16)"])):
         axes[r, c].imshow(p[ch].cpu(), cmap="RdBu", vmin=-1, vmax=1)
