@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from meta_features import meta_pairs
 
 from dinolab.depth_head import DPTHead, FeaturesToDepth, SigLoss, bin_weights, depth_bins
 from dinolab.hub import dinov3_vitb16, dinov3_vitl16, dinov3_vits16
 from dinolab.train import fit
 
 # official FOUR_EVEN_INTERVALS (dinov3/eval/segmentation/models/__init__.py): 24 blocks -> [4, 11, 17, 23]
-LAYERS = {12: [2, 5, 8, 11], 24: [4, 11, 17, 23]}
 
 
 # ------------------------------------------------------------------------------------------- official layouts
@@ -80,20 +80,10 @@ def test_dpt_vit7b_head_param_count_meta():
 # --------------------------------------------------------------------------------------- shapes for ViT-S/B/L
 
 
-def _meta_pairs(build, B=2, S=512):
-    """(patch map, cls) pairs of 4 layers of a ViT on the meta device, the official FOUR_EVEN_INTERVALS."""
-    backbone = build(device="meta")
-    D, n = backbone.embed_dim, len(backbone.blocks)
-    x = torch.empty(B, 3, S, S, device="meta")
-    pairs = backbone.get_intermediate_layers(x, n=LAYERS[n], reshape=True, return_class_token=True)
-    assert [tuple(p.shape) for p, _ in pairs] == [(B, D, 32, 32)] * 4
-    return D, pairs
-
-
 @pytest.mark.parametrize("build", [dinov3_vits16, dinov3_vitb16, dinov3_vitl16])
 def test_depth_head_shapes_on_vit_configs_meta(build):
     B, S = 2, 512
-    D, pairs = _meta_pairs(build, B, S)
+    D, pairs = meta_pairs(build, B, S)
     with torch.device("meta"):
         dpt = DPTHead([D] * 4, channels=256, post_process_channels=[D] * 4, readout_type="project",
                       n_output_channels=256)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from meta_features import meta_pairs
 import torch.nn.functional as F
 
 from dinolab.hub import dinov3_vitb16, dinov3_vitl16, dinov3_vits16
@@ -11,7 +12,6 @@ from dinolab.seg_heads import FPNSegHead, LinearHead
 from dinolab.train import fit
 
 # official FOUR_EVEN_INTERVALS (dinov3/eval/segmentation/models/__init__.py): 24 blocks -> [4, 11, 17, 23]
-LAYERS = {12: [2, 5, 8, 11], 24: [4, 11, 17, 23]}
 
 
 # ------------------------------------------------------------------------------------------- official layouts
@@ -42,20 +42,10 @@ def test_linear_head_official_layout_and_init(use_batchnorm, use_cls):
 # --------------------------------------------------------------------------------------- shapes for ViT-S/B/L
 
 
-def _meta_pairs(build, B=2, S=512):
-    """(patch map, cls) pairs of 4 layers of a ViT on the meta device, the official FOUR_EVEN_INTERVALS."""
-    backbone = build(device="meta")
-    D, n = backbone.embed_dim, len(backbone.blocks)
-    x = torch.empty(B, 3, S, S, device="meta")
-    pairs = backbone.get_intermediate_layers(x, n=LAYERS[n], reshape=True, return_class_token=True)
-    assert [tuple(p.shape) for p, _ in pairs] == [(B, D, 32, 32)] * 4
-    return D, pairs
-
-
 @pytest.mark.parametrize("build", [dinov3_vits16, dinov3_vitb16, dinov3_vitl16])
 def test_seg_head_shapes_on_vit_configs_meta(build):
     B, S = 2, 512
-    D, pairs = _meta_pairs(build, B, S)
+    D, pairs = meta_pairs(build, B, S)
     with torch.device("meta"):
         linear = LinearHead([D] * 4, 150)
         fpn = FPNSegHead(D, 128, 6)
