@@ -282,8 +282,7 @@ def ms_deform_attn_brute(value, shapes, loc, attn):
 # %% [markdown] slide
 # Now a tiny random case in float64 — non-square levels, one of them a single column, locations in
 # $[-0.3, 1.3]$ so many points fall (partly) outside — compared four ways: the brute-force loop, our vectorised
-# version, `dinolab.msdeform.ms_deform_attn` (by default the official `grid_sample` core; `fused=True` switches to a gather-sum
-# with a hand-written CPU backward, tested equal) and transformers'
+# version, `dinolab.msdeform.ms_deform_attn` (the official `grid_sample` core) and transformers'
 # `MultiScaleDeformableAttention` (the pure-PyTorch reference from
 # `transformers/models/deformable_detr/modeling_deformable_detr.py`, which is the official
 # `ms_deform_attn_core_pytorch`: one `grid_sample` per level).
