@@ -16,8 +16,9 @@ Official pointers: ``dinov3/eval/detection/`` (Plain-DETR, Lin et al. 2023: ``mo
   ``k`` times (:func:`one2many_targets`), so many queries learn from each object; the groups cannot see each
   other (``self_attn_mask``), and only the one-to-one group is used at inference.
 * :class:`TinyDETR`: input projection (1×1 conv + GroupNorm) of a stride-16 feature map, sine positions, a
-  pre-norm decoder of learned queries (self-attention, cross-attention, FFN), class and box heads after every
-  layer. Plain-DETR adds a transformer encoder, two-stage proposals, box refinement and relative position bias.
+  pre-norm decoder (self-attention, cross-attention, FFN) of learned queries or, ``two_stage=True``, of the feature
+  tokens themselves, each proposing a box around its cell; class and box heads after every layer. Plain-DETR adds a
+  transformer encoder, top-k proposals from a supervised proposal head, box refinement and relative position bias.
 * :func:`window_features`: the official detector's backbone features (4 layers concatenated, a 3×3 / 2×2 window
   split plus a resized global view, stacked: ``[B, 2·4·D, H/16, W/16]``).
 * :func:`average_precision`: COCO's AP (``pycocotools`` ``COCOeval``, bbox, area "all", 100 detections per image,
@@ -167,22 +168,36 @@ def one2many_targets(targets: list[dict], k: int) -> list[dict]:
 class TinyDETR(nn.Module):
     """A small DETR-style detector on a frozen ``[B, in_channels, h, w]`` feature map (stride 16).
 
-    ``forward(features)`` → ``{"pred_logits": [B, Q1, C+1], "pred_boxes": [B, Q1, 4] (cxcywh in [0, 1]),
-    "aux_outputs": [...]}`` and, in training with ``num_queries_one2many > 0``, the same for the one-to-many group
-    under ``pred_logits_one2many`` / ``pred_boxes_one2many`` / ``aux_outputs_one2many``.
+    Queries (``two_stage=False``, DETR): ``num_queries_one2one`` learned content (``query_feat``) and position
+    (``query_embed``) vectors; boxes are predicted directly (sigmoid of the box head). ``two_stage=True`` (the idea of
+    Plain-DETR's two-stage proposals, simplified): every feature token is a query — its projected feature as content
+    (plus a learned per-group vector), its sine position as position — and proposes the box of side two tokens around
+    its own cell; the decoder predicts a correction (``box = sigmoid(logit(reference) + delta)``). Plain-DETR keeps
+    only the top-k proposals, scored by a supervised proposal head, and refines the box layer by layer.
+
+    ``num_queries_one2many > 0`` adds, in training, the one-to-many group (learned queries: that many; two-stage: a
+    second copy of the token queries). ``forward(features)`` → ``{"pred_logits": [B, Q1, C+1], "pred_boxes":
+    [B, Q1, 4] (cxcywh in [0, 1]), "aux_outputs": [...]}``, plus ``pred_logits_one2many`` / ``pred_boxes_one2many`` /
+    ``aux_outputs_one2many`` for that group.
     """
 
     def __init__(self, in_channels: int, num_classes: int, hidden_dim: int = 256, num_queries_one2one: int = 100,
-                 num_queries_one2many: int = 0, dec_layers: int = 6, nheads: int = 8, dim_feedforward: int = 1024):
+                 num_queries_one2many: int = 0, dec_layers: int = 6, nheads: int = 8, dim_feedforward: int = 1024,
+                 two_stage: bool = False):
         super().__init__()
         self.num_queries_one2one = num_queries_one2one
         self.num_queries_one2many = num_queries_one2many
+        self.two_stage = two_stage
         self.input_proj = nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1),
                                         nn.GroupNorm(32, hidden_dim))
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        n = num_queries_one2one + num_queries_one2many
-        self.query_feat = nn.Embedding(n, hidden_dim)
-        self.query_embed = nn.Embedding(n, hidden_dim)
+        if two_stage:  # one learned vector per query group, added to the token features
+            self.query_feat = nn.Embedding(2, hidden_dim)
+            nn.init.zeros_(self.query_feat.weight)
+        else:
+            n = num_queries_one2one + num_queries_one2many
+            self.query_feat = nn.Embedding(n, hidden_dim)
+            self.query_embed = nn.Embedding(n, hidden_dim)
         self.self_attn_layers = nn.ModuleList(SelfAttentionLayer(hidden_dim, nheads, normalize_before=True)
                                               for _ in range(dec_layers))
         self.cross_attn_layers = nn.ModuleList(CrossAttentionLayer(hidden_dim, nheads, normalize_before=True)
@@ -192,40 +207,58 @@ class TinyDETR(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim)  # pre-norm: one final norm before the heads
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)  # start every box at the centre, a quarter of the image
-        nn.init.constant_(self.bbox_embed.layers[-1].bias, 0.0)
-        with torch.no_grad():
-            self.bbox_embed.layers[-1].bias[2:] = math.log(0.25 / 0.75)
-        self.nheads = nheads
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)  # start at the reference box / a centred box
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        if not two_stage:  # a box at the centre, a quarter of the image
+            with torch.no_grad():
+                self.bbox_embed.layers[-1].bias[2:] = math.log(0.25 / 0.75)
 
-    def self_attn_mask(self, n: int, device) -> Tensor:
+    def self_attn_mask(self, n: int, device, num_one2one: int | None = None) -> Tensor:
         """``[n, n]`` bool, True = blocked: the one-to-one and one-to-many groups cannot see each other."""
+        q1 = self.num_queries_one2one if num_one2one is None else num_one2one
         mask = torch.zeros(n, n, dtype=torch.bool, device=device)
-        q1 = self.num_queries_one2one
         mask[q1:, :q1] = True
         mask[:q1, q1:] = True
         return mask
 
+    @staticmethod
+    def reference_boxes(h: int, w: int, device=None) -> Tensor:
+        """``[h·w, 4]`` cxcywh: a box of side two tokens centred on every token's cell (row-major)."""
+        ys, xs = torch.meshgrid((torch.arange(h, device=device) + 0.5) / h, (torch.arange(w, device=device) + 0.5) / w,
+                                indexing="ij")
+        return torch.stack([xs.flatten(), ys.flatten(), torch.full_like(xs.flatten(), min(2 / w, 0.99)),
+                            torch.full_like(ys.flatten(), min(2 / h, 0.99))], -1)
+
     def forward(self, features: Tensor) -> dict:
         B = features.shape[0]
         memory = self.input_proj(features)
+        h, w = memory.shape[-2:]
         pos = self.pe_layer(memory).to(memory.dtype).flatten(2).permute(2, 0, 1)  # [hw, B, C]
         memory = memory.flatten(2).permute(2, 0, 1)
-        n = self.num_queries_one2one + (self.num_queries_one2many if self.training else 0)
-        query_pos = self.query_embed.weight[:n, None].repeat(1, B, 1)
-        tgt = self.query_feat.weight[:n, None].repeat(1, B, 1)
-        mask = self.self_attn_mask(n, features.device)
+        many = self.training and self.num_queries_one2many > 0
+        if self.two_stage:
+            q1, groups = h * w, 2 if many else 1
+            tgt = torch.cat([memory + self.query_feat.weight[g] for g in range(groups)])
+            query_pos = pos.repeat(groups, 1, 1)
+            reference = torch.logit(self.reference_boxes(h, w, features.device)).repeat(groups, 1).to(memory.dtype)
+        else:
+            q1 = self.num_queries_one2one
+            n = q1 + (self.num_queries_one2many if many else 0)
+            query_pos = self.query_embed.weight[:n, None].repeat(1, B, 1)
+            tgt = self.query_feat.weight[:n, None].repeat(1, B, 1)
+            reference = None
+        mask = self.self_attn_mask(tgt.shape[0], features.device, q1)
         preds = []
         for sa, ca, ffn in zip(self.self_attn_layers, self.cross_attn_layers, self.ffn_layers):
             tgt = sa(tgt, tgt_mask=mask, query_pos=query_pos)
             tgt = ca(tgt, memory, pos=pos, query_pos=query_pos)
             tgt = ffn(tgt)
-            h = self.norm(tgt).transpose(0, 1)  # [B, n, C]
-            preds.append((self.class_embed(h), self.bbox_embed(h).sigmoid()))
-        q1 = self.num_queries_one2one
+            hs = self.norm(tgt).transpose(0, 1)  # [B, n, C]
+            delta = self.bbox_embed(hs)
+            preds.append((self.class_embed(hs), (delta if reference is None else delta + reference).sigmoid()))
         out = {"pred_logits": preds[-1][0][:, :q1], "pred_boxes": preds[-1][1][:, :q1],
                "aux_outputs": [{"pred_logits": c[:, :q1], "pred_boxes": b[:, :q1]} for c, b in preds[:-1]]}
-        if n > q1:
+        if tgt.shape[0] > q1:
             out.update({"pred_logits_one2many": preds[-1][0][:, q1:], "pred_boxes_one2many": preds[-1][1][:, q1:],
                         "aux_outputs_one2many": [{"pred_logits": c[:, q1:], "pred_boxes": b[:, q1:]}
                                                  for c, b in preds[:-1]]})

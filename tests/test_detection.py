@@ -207,3 +207,24 @@ def test_average_precision_hand_case():
          "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([0, 0, 0])}
     r = average_precision([p], [g], iou_thresholds=[0.5])
     assert abs(r["ap50"] - (51 + 50 * 2 / 3) / 101) < 1e-12
+
+
+def test_two_stage_token_queries():
+    """two_stage=True: one query per feature token, starting at a box of two cells around its cell; the
+    one-to-many group is a second copy of the token queries, in training only."""
+    det = TinyDETR(16, 3, hidden_dim=32, num_queries_one2many=1, dec_layers=2, nheads=2, dim_feedforward=32,
+                   two_stage=True)
+    feats = torch.randn(2, 16, 3, 4)
+    det.eval()
+    with torch.no_grad():
+        out = det(feats)
+    ref = TinyDETR.reference_boxes(3, 4)
+    assert out["pred_boxes"].shape == (2, 12, 4) and "pred_boxes_one2many" not in out
+    torch.testing.assert_close(out["pred_boxes"], ref.expand(2, -1, -1))  # zero-initialised correction
+    torch.testing.assert_close(ref[5], torch.tensor([1.5 / 4, 1.5 / 3, 0.5, 2 / 3]))  # row 1, column 1
+    det.train()
+    out = det(feats)
+    assert out["pred_logits"].shape == (2, 12, 4) and out["pred_logits_one2many"].shape == (2, 12, 4)
+    # the groups do not see each other: the one-to-one predictions are those of eval mode
+    with torch.no_grad():
+        torch.testing.assert_close(det(feats)["pred_logits"], det.eval()(feats)["pred_logits"])
