@@ -5,6 +5,7 @@ executed top to bottom with nbclient in this environment, as CI runs them.
     python tools/build_notebooks.py 02 04      # those whose name starts with 02 or 04
     python tools/build_notebooks.py --check    # fail if a notebook's source differs from its .py
     python tools/build_notebooks.py --slides [02 04]   # reveal.js decks of the STORED notebooks -> slides/
+    python tools/build_notebooks.py --restamp 14     # slide metadata only: sources -> stored notebooks
 
 Source format: cells are separated by lines ``# %%`` (code) and ``# %% [markdown]`` (markdown, every
 line prefixed by ``# ``). Stored outputs must only ever come from this script: fresh kernel,
@@ -156,6 +157,33 @@ def check() -> int:
     return bad
 
 
+def restamp(prefixes: list[str]) -> int:
+    """Copy the slide metadata of the sources onto the stored notebooks without executing anything. Refused
+    for a notebook whose cells (kind and source) differ from its source: its outputs would not be the
+    source's; run the full build then. Outputs and every other field stay as the last execution wrote them."""
+    import nbformat
+
+    bad = 0
+    for src in sorted(SRC.glob("*.py")):
+        if prefixes and not any(src.name.startswith(a) for a in prefixes):
+            continue
+        out = OUT / (src.stem + ".ipynb")
+        want = parse(src.read_text(), src.name).cells
+        nb = nbformat.read(out, as_version=4)
+        if [(c.cell_type, c.source) for c in want] != [(c.cell_type, c.source) for c in nb.cells]:
+            print(f"{out.name}: cells differ from {src.relative_to(ROOT)}; not restamped (run the full build)")
+            bad += 1
+            continue
+        for w, c in zip(want, nb.cells):
+            for key in ("slideshow", "tags", "jupyter"):
+                c.metadata.pop(key, None)
+                if key in w.metadata:
+                    c.metadata[key] = w.metadata[key]
+        nbformat.write(nb, out)
+        print(f"{out.name}: slide metadata restamped")
+    return 1 if bad else 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Slides: one reveal.js deck per stored notebook, made from the stored outputs (nothing is re-executed).
 SLIDES = ROOT / "slides"
@@ -251,6 +279,8 @@ def build_slides(prefixes: list[str]) -> int:
 def main(argv: list[str]) -> int:
     if "--check" in argv:
         return 1 if check() else 0
+    if "--restamp" in argv:
+        return restamp([a for a in argv if a != "--restamp"])
     if "--slides" in argv:
         return build_slides([a for a in argv if a != "--slides"])
     sources = sorted(SRC.glob("*.py"))
