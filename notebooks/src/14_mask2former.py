@@ -127,7 +127,7 @@ print(f"pixel decoder {n_pix / 1e6:.1f} M, query decoder {n_dec / 1e6:.1f} M, ad
 # visible object ("things", classes 1–5). `ShapesWorld.instances` gives each object's mask, aligned with its box
 # and label.
 
-# %%
+# %% hide-input
 N_TRAIN, N_VAL, K = 256 * SCALE, 128, data.NUM_CLASSES  # K = 6 classes: background + 5 shapes
 WORLD = dict(size=128, n_objects=(1, 3), object_scale=2.0)
 train_set = data.ShapesWorld("train", num_samples=N_TRAIN, **WORLD).instances(torch.arange(N_TRAIN))
@@ -149,7 +149,7 @@ targets_val = [segments(val_set, b) for b in range(N_VAL)]
 t0 = targets_val[0]
 print("image 0:", [data.CLASS_NAMES[c] for c in t0["labels"].tolist()], "masks", tuple(t0["masks"].shape))
 
-# %% [markdown]
+# %% [markdown] subslide
 # **Frozen features.** The shipped tiny backbone (D = 192, 6 blocks) runs once over every image; we keep the
 # final-normed patch maps of blocks `[1, 2, 4, 5]` (our choice for 6 blocks, as in notebook 10) for the Mask2Former
 # and FPN heads, and the raw tokens after block 3 for EoMT, which continues through the last two blocks itself.
@@ -160,7 +160,7 @@ print("image 0:", [data.CLASS_NAMES[c] for c in t0["labels"].tolist()], "masks",
 # `norm1`–`norm4`). Its output has the adapter's format `{"1": f1, ..., "4": f4}`, so `Mask2FormerHead` takes it as
 # it is.
 
-# %%
+# %% hide-input
 LAYERS, GRID = [1, 2, 4, 5], (8, 8)
 backbone = hub.dinov3_vittiny16(weights=tiny_checkpoint()).eval().to(DEVICE)
 N_PREFIX = 1 + backbone.n_storage_tokens  # cls + 4 storage tokens
@@ -217,7 +217,7 @@ class Pyramid(nn.Module):
 # round over the three levels — behind a pixel decoder of width 64 with one encoder layer. We build `dinolab`'s
 # head, then redo its query decoder step by step with its weights on two validation scenes.
 
-# %%
+# %% hide-input
 HIDDEN, QUERIES, HEADS, DEC_LAYERS = 64, 10, 4, 3
 
 
@@ -249,7 +249,7 @@ print("mask_features", tuple(mask_features.shape), " multi_scale_features", [tup
 # `nn.MultiheadAttention` wants. The queries are two learned tables: `query_feat` (content, updated layer by layer)
 # and `query_embed` (position, added to q and k in every attention, never updated).
 
-# %%
+# %% hide-input
 B = mask_features.shape[0]
 src, pos, sizes = [], [], []
 for lvl, x in enumerate(multi_scale):
@@ -261,13 +261,13 @@ query_pos = dec.query_embed.weight[:, None].repeat(1, B, 1)
 tgt = dec.query_feat.weight[:, None].repeat(1, B, 1)
 print("queries: content", tuple(tgt.shape), " position", tuple(query_pos.shape))
 
-# %% [markdown]
+# %% [markdown] subslide
 # **Prediction heads** (shared by every layer): LayerNorm → `class_embed` (K + 1 logits) and `mask_embed` (3-layer
 # MLP) → mask logits = the query's mask embedding · every pixel of `mask_features` (an einsum). The **attention mask**
 # for the next layer is that mask resized to the next layer's level: a query may look only where sigmoid ≥ 0.5;
 # a query that would see nothing at all sees everything instead.
 
-# %%
+# %% hide-input
 def heads(tgt, level_size):
     h = F.layer_norm(tgt, (HIDDEN,), dec.post_norm.weight, dec.post_norm.bias).transpose(0, 1)  # [B, Q, C]
     logits = dec.class_embed(h)
@@ -310,7 +310,7 @@ with torch.no_grad():
         ours.append((logits, masks))
         print(f"layer {i + 1} (level {sizes[lvl]}): queries {tuple(tgt.shape)} -> masks {tuple(masks.shape)}")
 
-# %%
+# %% hide-input
 preds_ref = reference["aux_outputs"] + [reference]
 for (lg, mk), r in zip(ours, preds_ref):
     torch.testing.assert_close(lg, r["pred_logits"], atol=1e-5, rtol=1e-5)
@@ -332,7 +332,7 @@ print(f"all {len(ours)} predictions (before layer 1..3 and after the last) equal
 # object". Below, the cost matrix of image 0 for the untrained model, the assignment found by
 # `scipy.optimize.linear_sum_assignment`, and a check by brute force over all assignments.
 
-# %%
+# %% hide-input
 matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=None)
 tgt0 = {k: v.to(DEVICE) for k, v in targets_val[0].items()}
 pl, pm = reference["pred_logits"][0], reference["pred_masks"][0]
@@ -364,7 +364,7 @@ for t in range(n_t):
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] subslide
 # **The set loss** (Mask2Former's `SetCriterion`): for every query a cross-entropy over K + 1 classes — matched queries
 # towards their segment's class, the others towards "no object", whose weight is only **0.1** (most queries are
 # unmatched; at full weight "no object" would swamp the loss); for matched pairs the mask BCE and the dice loss, each
@@ -372,7 +372,7 @@ plt.show()
 # `2·CE + 5·BCE + 5·dice`, and the same loss is added for **every intermediate prediction** (deep supervision),
 # each matched on its own. By hand for image 0:
 
-# %%
+# %% hide-input
 target_classes = torch.full((QUERIES,), K, dtype=torch.int64, device=DEVICE)  # "no object" = class K
 target_classes[qi] = tgt0["labels"][ti]
 weights = torch.ones(K + 1, device=DEVICE)
@@ -413,7 +413,7 @@ print(f"with deep supervision: {len(all_losses)} terms ({len(reference['aux_outp
 #
 # Every model: the same 150 steps of the same batches of 8 scenes, AdamW, lr 2·10⁻³, warm-up and cosine.
 
-# %%
+# %% hide-input
 STEPS, BATCH, LR = 150 * SCALE, 8, 2e-3
 criterion = SetCriterion(K, HungarianMatcher(2.0, 5.0, 5.0, num_points=None), eos_coef=0.1, num_points=None).to(DEVICE)
 
@@ -479,7 +479,7 @@ for name, model in models.items():
     histories[name], seconds[name] = train(name, model)
 print({name: f"{count_params(m, trainable_only=True):,} trainable parameters" for name, m in models.items()})
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 print(f"backbone features for {N_TRAIN + N_VAL} scenes (one pass): {cache_seconds:.1f} s")
 for name in models:
@@ -497,7 +497,7 @@ for name in models:
 # match when IoU > 0.5; PQ = Σ IoU of matches / (TP + FP/2 + FN/2), per class, averaged), with Mask2Former's panoptic
 # inference (keep queries with class score > 0.8, give each pixel to the strongest, drop mostly-hidden segments).
 
-# %%
+# %% skip
 @torch.no_grad()
 def evaluate(name: str, model: nn.Module) -> dict:
     model.eval()
@@ -555,7 +555,7 @@ for name in ("Mask2Former", "EoMT"):
     print(f"{name}: shapes merged: " + ", ".join(f"{n} {v[0]:.2f} (TP {v[1]}, FP {v[2]}, FN {v[3]})"
                                                 for n, v in zip(["background", "object"], pa.values())))
 
-# %%
+# %% skip
 r_m2f, r_fpn, r_eomt = results["Mask2Former"], results["FPN head"], results["EoMT"]
 assert r_m2f["miou"] > 0.18 and r_fpn["miou"] > 0.15 and r_eomt["miou"] > 0.12, \
     (r_m2f["miou"], r_fpn["miou"], r_eomt["miou"])
@@ -564,7 +564,7 @@ assert r_m2f["pq"]["pq"] > 0.08 and r_m2f["pq_agnostic"]["pq"] > 0.35, (r_m2f["p
 assert r_eomt["pq_agnostic"]["pq"] > 0.3 and r_m2f["pq_agnostic"]["pq"] > r_m2f["pq"]["pq"] + 0.2
 print("every model is above its floor")
 
-# %% [markdown]
+# %% [markdown] notes
 # ### Look at the predictions
 #
 # Validation scenes; class colours over a grey image. The last column is Mask2Former's **panoptic** output with the
@@ -603,7 +603,7 @@ plt.show()
 # segments (rows), and the attention mask each cross-attention layer receives (columns): the previous prediction,
 # resized to that layer's level (1/32, 1/16, 1/8) — white where the query may look. The last column is the final mask.
 
-# %% hide-input
+# %% subslide hide-input
 i_show = show[0]
 m2f_model = models["Mask2Former"].eval()
 with torch.no_grad():
@@ -632,7 +632,7 @@ for ax in axes.flat:
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # Layer 1 reads the coarsest level (4 × 4 for a 128-px image) through the mask predicted from the bare learned query;
 # each later layer reads a finer level through a sharper mask. This is what makes Mask2Former converge fast: a query
 # spends its attention on its own object instead of the whole image.
@@ -654,7 +654,7 @@ plt.show()
 #   blocks (more trainable parameters) but has no decoder to run. With real DINOv3 weights and a large ViT, its paper
 #   finds it matches Mask2Former's accuracy at a fraction of the cost — a claim this CPU run cannot test.
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 print("RESULT " + json.dumps({"miou_m2f": round(r_m2f["miou"], 4), "miou_fpn": round(r_fpn["miou"], 4),
                               "miou_eomt": round(r_eomt["miou"], 4), "pq": round(r_m2f["pq"]["pq"], 4),
@@ -662,7 +662,7 @@ print("RESULT " + json.dumps({"miou_m2f": round(r_m2f["miou"], 4), "miou_fpn": r
                               "pq_agnostic_eomt": round(r_eomt["pq_agnostic"]["pq"], 4), "steps": STEPS,
                               "train_images": N_TRAIN}))
 
-# %% [markdown] slide
+# %% [markdown] skip
 # ## 6. Summary
 #
 # The shape table of the trained tiny Mask2Former on one 128 × 128 scene:
@@ -675,7 +675,7 @@ print(short(trace(models["Mask2Former"].eval(), *one, names=["pyramid", "head.pi
                                                                "head.predictor.transformer_self_attention_layers",
                                                                "head.predictor.transformer_ffn_layers"])))
 
-# %% [markdown]
+# %% [markdown] skip
 # and of EoMT on the same scene, from the tokens after block 3: in the ViT's last two blocks the sequence is 10 queries
 # + cls + 4 storage + 64 patches = 79 tokens.
 
@@ -695,7 +695,7 @@ print(short(trace(EoMTDecode(models["EoMT"].eval()), prefix_val[:1].to(DEVICE),
                   names=[*(f"eomt.backbone.blocks.{i}.{m}" for i in (4, 5) for m in ("attn.qkv", "attn.proj", "mlp")),
                          "eomt.backbone.norm", "eomt.class_head", "eomt.mask_head", "eomt.upscale"])))
 
-# %% [markdown]
+# %% [markdown] notes
 # ### What to remember
 #
 # * **Mask2Former's query decoder**: Q learned queries (content `query_feat` + position `query_embed`); per layer

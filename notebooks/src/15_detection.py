@@ -79,7 +79,7 @@ print("device type:", DEVICE.type)
 # share of the smallest enclosing box C that neither box covers: GIoU = IoU − (|C| − |A ∪ B|) / |C|, in [−1, 1],
 # and it keeps decreasing as the boxes move apart.
 
-# %%
+# %% hide-input
 def iou_giou(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """One pair of xyxy boxes, from primitives."""
     iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
@@ -123,7 +123,7 @@ axes[1].legend()
 plt.tight_layout()
 plt.show()
 
-# %% [markdown] slide
+# %% [markdown] notes
 # ## 2. DINOv3's detector: Plain-DETR on a frozen ViT
 #
 # What the official hub detector `dinov3_vit7b16_de` (`dinov3/hub/detectors.py`) sets, read from the code:
@@ -163,7 +163,7 @@ assert out_7b["pred_boxes_one2many"].shape == (1, 4096, 4)
 print(f"our stand-in head at these widths: {count_params(head_7b) / 1e6:.1f} M parameters "
       f"({count_params(head_7b.input_proj) / 1e6:.1f} M of them in the 32,768 -> 768 input projection)")
 
-# %% [markdown]
+# %% [markdown] notes
 # 64 × 64 = 4096 tokens of 768 channels: every one proposes a box, in each of the two query groups (the official
 # detector keeps the best 1500 of each). The one-to-many group exists only in training: at inference the detector
 # runs the one-to-one group alone.
@@ -176,7 +176,7 @@ print(f"our stand-in head at these widths: {count_params(head_7b) / 1e6:.1f} M p
 # weighted 0.1, and for matched pairs `5 · L1 + 2 · (1 − GIoU)`, divided by the number of objects, for every decoder
 # layer. A hand-made case — 4 predictions, 2 objects — checked by brute force:
 
-# %%
+# %% hide-input
 pred_boxes = torch.tensor([[[0.30, 0.30, 0.20, 0.20], [0.70, 0.60, 0.30, 0.20], [0.35, 0.32, 0.25, 0.20],
                             [0.50, 0.50, 0.10, 0.10]]])
 pred_logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 3.0]]])  # 2 classes + none
@@ -199,7 +199,7 @@ print({k: round(v.item(), 4) for k, v in losses.items()})
 # groups must not help each other at inference, so self-attention between them is blocked, and only the one-to-one
 # group is used at test time (it alone learned not to duplicate). DINOv3: 1500 + 1500 queries, k = 6.
 
-# %% hide-input
+# %% subslide hide-input
 demo = TinyDETR(32, 2, hidden_dim=32, num_queries_one2one=4, num_queries_one2many=8, dec_layers=1, nheads=2,
                 dim_feedforward=32)
 many = one2many_targets([objects], k=3)[0]
@@ -238,7 +238,7 @@ plt.show()
 # the same batches of 16 scenes (AdamW, lr 10⁻³, warm-up, cosine): self-supervised features / one-to-one, supervised
 # features / one-to-one, supervised features / hybrid.
 
-# %%
+# %% skip
 N_TRAIN, N_VAL, K = 512 * SCALE, 128, len(data.SHAPES)
 WORLD = dict(size=128, n_objects=(1, 3), object_scale=2.0)
 train_set = data.ShapesWorld("train", num_samples=N_TRAIN, **WORLD).tensors()
@@ -275,7 +275,7 @@ print("features:", {name: tuple(f[0].shape) for name, f in feats.items()}, " obj
 print("image 0:", [data.SHAPES[c] for c in targets_train[0]["labels"].tolist()],
       [[round(v, 2) for v in b] for b in targets_train[0]["boxes"].tolist()], "(cx, cy, w, h)")
 
-# %%
+# %% skip
 STEPS, BATCH, K_ONE2MANY = 250 * SCALE, 16, 4
 
 
@@ -314,7 +314,7 @@ for name, (backbone_name, hybrid) in RUNS.items():
     detectors[name], histories[name], seconds[name] = train_detector(backbone_name, hybrid)
 print({name: f"{count_params(m):,} parameters" for name, m in detectors.items()})
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 print(f"window features for {N_TRAIN + N_VAL} scenes: {feature_seconds:.1f} s")
 for name in detectors:
@@ -333,7 +333,7 @@ for name in detectors:
 # thresholds 0.5, 0.55, …, 0.95; **AP@0.5** uses t = 0.5 only. `dinolab.detection.average_precision` does that
 # (tests/test_detection.py checks it against `pycocotools`); first by hand for one class at t = 0.5:
 
-# %%
+# %% hide-input
 def predictions(name: str) -> list[dict]:
     with torch.no_grad():
         out = detectors[name](feats[RUNS[name][0]][1].to(DEVICE))
@@ -388,7 +388,7 @@ ax.legend()
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% skip
 scores = {name: average_precision(p, truth, num_classes=K) for name, p in preds.items()}
 agnostic = {name: average_precision([{**d, "labels": torch.zeros_like(d["labels"])} for d in p],
                                     [{**g, "labels": torch.zeros_like(g["labels"])} for g in truth], num_classes=1)
@@ -403,14 +403,14 @@ for name, r in scores.items():
                 + " | ".join(f"{r['per_class'][c]:.2f}" for c in range(K)) + " |")
 display(Markdown("\n".join(rows)))
 
-# %%
+# %% skip
 r, r_ssl = scores[MAIN], scores["self-supervised, one-to-one"]
 AP50_FLOOR, AP_FLOOR = 0.07, 0.02  # about half of what the stored run measured
 assert r["ap50"] > AP50_FLOOR and r["ap"] > AP_FLOOR, (r["ap50"], r["ap"])
 assert min(scores["supervised, one-to-one"]["ap50"], r["ap50"]) > 2 * r_ssl["ap50"]  # the features decide
 print("the detector on the supervised features is above its floors, and far above the self-supervised features")
 
-# %% [markdown]
+# %% [markdown] notes
 # Predictions of the hybrid detector (supervised features) on validation scenes: the ground truth in white,
 # detections with score ≥ 0.4 in the colour of their class, with the class and score. Where several boxes sit on one
 # object, the one-to-one training has not yet taught neighbouring token queries to leave the object to one of them:
@@ -435,7 +435,7 @@ for ax, i in zip(axes.flat, range(8)):
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ### What the numbers say
 #
 # (The table is the stored run's; the asserts hold on every run.)
@@ -451,7 +451,7 @@ plt.show()
 #   faster through more positive examples per object; at 250 steps and 1–3 objects per scene the effect is small and
 #   can go either way. Plain-DETR measured its gain on COCO, with many objects per image and 1500 + 1500 queries.
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 print("RESULT " + json.dumps({"ap50": round(r["ap50"], 4), "ap": round(r["ap"], 4),
                               "ap50_one2one": round(scores["supervised, one-to-one"]["ap50"], 4),
@@ -460,7 +460,7 @@ print("RESULT " + json.dumps({"ap50": round(r["ap50"], 4), "ap": round(r["ap"], 
                               "ap50_class_agnostic": round(agnostic[MAIN]["ap50"], 4), "steps": STEPS,
                               "train_images": N_TRAIN}))
 
-# %% [markdown] slide
+# %% [markdown] skip
 # ## 6. Summary
 #
 # The shape table of the trained hybrid detector on one scene (training mode, so both query groups run):
@@ -471,7 +471,7 @@ print(short(trace(detectors[MAIN].train(), feats["supervised"][1][:1].to(DEVICE)
                          "bbox_embed"])))
 _ = detectors[MAIN].eval()
 
-# %% [markdown]
+# %% [markdown] notes
 # ### What to remember
 #
 # * **Set prediction**: Q queries each predict (class or "no object", box); Hungarian matching with cost
