@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 10 · Segmentation, end to end
 #
 # Everything so far comes together: the frozen DINOv3 backbone (notebook 04, pretrained in 05), the adapter's
@@ -21,14 +21,14 @@
 #
 # Expected run time: about 100 s on 2 idle CPU cores (three short trainings of the adapter take most of it).
 
-# %%
+# %% slide hide-input
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("10")))
 
-# %%
+# %% skip
 import json
 import time
 
@@ -55,7 +55,7 @@ print("device type:", DEVICE.type)
 
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. Data and the frozen backbone
 #
 # ShapesWorld gives, for every scene, the image, the semantic mask (0 = background, 1–5 = the shapes) and the metric
@@ -63,7 +63,7 @@ CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 # columns 64–191): in a whole 128-px scene most objects are smaller than one 16-px patch. That is our choice, for a
 # CPU; the official recipe trains on 512 × 512 crops of large photos.
 
-# %%
+# %% hide-input
 N_TRAIN, N_VAL = 384 * SCALE, 128
 CROP = (slice(112, 240), slice(64, 192))  # rows, columns of a 256-px render
 NAMES, K = data.CLASS_NAMES, data.NUM_CLASSES
@@ -84,7 +84,7 @@ CLASS_WEIGHTS = freq ** -0.5 / (freq ** -0.5).mean()  # our choice (official: pl
 print("cross-entropy class weights:", ", ".join(f"{n} {w:.2f}" for n, w in zip(NAMES, CLASS_WEIGHTS.tolist())))
 
 
-# %%
+# %% subslide hide-input
 def colour_mask(mask: torch.Tensor) -> torch.Tensor:
     """[H, W] class ids -> [H, W, 3] colours (dinolab.data.MASK_COLORS)."""
     return data.MASK_COLORS[mask]
@@ -105,7 +105,7 @@ fig.legend(handles, NAMES, loc="lower center", ncol=K, fontsize=8, frameon=False
 plt.tight_layout(rect=(0, 0.05, 1, 1))
 plt.show()
 
-# %% [markdown]
+# %% [markdown] subslide
 # Background covers most pixels. With a few hundred training steps, plain cross-entropy (the official loss) first
 # learns "everything is background" and barely starts on the shapes; we weight each class by 1/√(pixel share)
 # (normalised to mean 1) — our choice, used for every model below so the comparison stays fair.
@@ -120,7 +120,7 @@ plt.show()
 # We cache a second backbone too: the same architecture with **random weights** (no pretraining). Every model below
 # is trained on both, so the difference is exactly what the self-supervised pretraining of notebook 05 contributes.
 
-# %%
+# %% hide-input
 LAYERS = [1, 2, 4, 5]
 backbone = hub.dinov3_vittiny16(weights=CKPT).eval().to(DEVICE)
 seed_everything(0)
@@ -140,11 +140,11 @@ feature_seconds = time.perf_counter() - t0
 tokens, cls = cache["train"][0]
 print(f"{len(LAYERS)} layers x (patch tokens {tuple(tokens.shape)}, cls {tuple(cls.shape)})  — 128/16 = 8x8 patches")
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 print(f"backbone features for {N_TRAIN + N_VAL} images, two backbones: {feature_seconds:.1f} s")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. The official linear head
 #
 # `LinearHead` (official): the patch maps of the chosen layers, resized to the first one's size and concatenated
@@ -153,7 +153,7 @@ print(f"backbone features for {N_TRAIN + N_VAL} images, two backbones: {feature_
 # Optimiser: AdamW, weight decay 10⁻³, warm-up + cosine, as the official ADE20k linear config, but lr 10⁻² instead of
 # 10⁻³: the official schedule has 40k iterations, ours 200 (our choice; at 10⁻³ the head is still far from converged).
 
-# %%
+# %% hide-input
 def patch_maps(table: dict, split: str, idx=slice(None)) -> list[torch.Tensor]:
     """The cached layers as [B, D, 8, 8] maps (get_intermediate_layers(..., reshape=True))."""
     return [t[idx].transpose(1, 2).reshape(t[idx].shape[0], -1, 8, 8).to(DEVICE) for t, _ in table[split]]
@@ -191,7 +191,7 @@ with torch.no_grad():
     print(f"logits {tuple(linear(patch_maps(cache, 'val', slice(0, 2))).shape)} -> predict(rescale_to=128) "
           f"{tuple(pred_linear.shape)}")
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 3. Backbone → adapter → pixel decoder → FPN head, end to end
 #
 # The model: image → **frozen backbone** (4 layers) and **SPM** (conv stem) → 4 **interaction
@@ -219,7 +219,7 @@ with torch.no_grad():
 # under `no_grad` — nothing flows back into the backbone. So a stand-in module that *returns the cached outputs* for
 # the images of the batch is, for training, the same model at a fraction of the cost. We check that claim below.
 
-# %%
+# %% slide hide-input
 class CachedBackbone(nn.Module):
     """Stands in for the frozen ViT inside DINOv3Adapter: get_intermediate_layers returns precomputed outputs.
 
@@ -300,12 +300,12 @@ torch.testing.assert_close(out_cached, out_real, atol=1e-4, rtol=1e-4)
 print(f"logits {tuple(out_real.shape)}: cached backbone == real backbone (within 1e-4)")
 
 
-# %% [markdown]
+# %% [markdown] notes
 # The training loop: each step picks 16 scenes, points the stand-in at their cached rows, and runs the adapter, the
 # pixel decoder and the head on the images. The same function trains the random-init comparison below and the RGB-D
 # model of section 4.
 
-# %%
+# %% skip
 STEPS, BATCH = 64 * SCALE, 16
 
 
@@ -346,7 +346,7 @@ print(f"trained {STEPS} steps x {BATCH} scenes; predictions {tuple(pred_rgb.shap
 # **What does pretraining contribute?** The same pipeline — same adapter init, same batches, same steps — on the
 # random-init backbone's cached layers.
 
-# %%
+# %% hide-input
 model_random = build_segmenter(backbone_random)
 t0 = time.perf_counter()
 hist_random = train_segmenter(model_random, rgb_inputs, cache_random)
@@ -354,7 +354,7 @@ random_seconds = time.perf_counter() - t0
 pred_random = predict(model_random, rgb_inputs["val"], cache_random)
 print(f"random-init backbone: trained {STEPS} steps x {BATCH} scenes; predictions {tuple(pred_random.shape)}")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. RGB-D: depth as a fourth input channel
 #
 # The seed's pipeline fuses RGB and depth **early**: the network sees a 4-channel image. For a ViT that means a
@@ -376,7 +376,7 @@ print(f"random-init backbone: trained {STEPS} steps x {BATCH} scenes; prediction
 # The depth channel: log-depth standardised with the training set's mean and std (depth spans about 1–10 m; the log
 # spreads the near range, where the objects are).
 
-# %%
+# %% subslide hide-input
 log_depth = train_set["depth"].log()
 DEPTH_MEAN, DEPTH_STD = float(log_depth.mean()), float(log_depth.std())
 
@@ -409,7 +409,7 @@ print(f"zeros init: last-layer features identical to RGB  -> the RGB cache serve
 print(f"mean init (frozen): last-layer features move by {change:.0%} of their norm — depth seen as extra brightness")
 assert change > 0.05
 
-# %%
+# %% hide-input
 model_rgbd = build_segmenter(backbone_rgbd["zeros"])
 print("SPM stem conv:", tuple(model_rgbd.adapter.spm.stem[0].weight.shape), "(out, in=4, 3, 3);",
       f"trainable {count_params(model_rgbd, trainable_only=True):,} parameters "
@@ -419,14 +419,14 @@ hist_rgbd = train_segmenter(model_rgbd, rgbd_inputs, cache)  # zero-init depth w
 rgbd_seconds = time.perf_counter() - t0
 pred_rgbd = predict(model_rgbd, rgbd_inputs["val"], cache)
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 5. Results
 #
 # Five models on the same 128 validation scenes — the linear head and the pipeline, each on the pretrained and the
 # random-init backbone, and the RGB-D pipeline: the mean IoU over the six classes (background included), the IoU of
 # each class, the boundary F-score of the class maps (2-px tolerance, notebook 09) and the pixel accuracy.
 
-# %%
+# %% skip
 target = val_set["mask"]
 MODELS = {  # name -> (validation predictions, trainable parameters)
     "linear head (official)": (pred_linear, count_params(linear)),
@@ -443,7 +443,7 @@ for name, (pred, n_params) in MODELS.items():
     print(f"{name:40s} {n_params:>9,d} trainable parameters")
 r_lin, r_lin_random, r_rgb, r_random, r_rgbd = results.values()
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 rows = ["| model | mIoU | " + " | ".join(f"IoU {n}" for n in NAMES) + " | boundary F | pixel acc. |",
         "|---|---|" + "---|" * K + "---|---|"]
@@ -454,7 +454,7 @@ display(Markdown("\n".join(rows)))
 print(f"training time: linear heads {linear_seconds:.1f} s (both), pipeline {rgb_seconds:.1f} s, "
       f"random-init {random_seconds:.1f} s, RGB-D {rgbd_seconds:.1f} s ({STEPS} steps each)")
 
-# %%
+# %% hide-input
 assert r_lin["miou"] > 0.12 and r_lin_random["miou"] > 0.12, (r_lin["miou"], r_lin_random["miou"])
 assert min(r_rgb["miou"], r_random["miou"], r_rgbd["miou"]) > 0.2, (r_rgb["miou"], r_random["miou"], r_rgbd["miou"])
 assert r_rgb["miou"] > r_lin["miou"] + 0.03  # the pipeline beats the linear head ...
@@ -463,7 +463,7 @@ assert abs(r_rgb["miou"] - r_random["miou"]) < 0.08  # pretraining changes littl
 assert abs(r_rgbd["miou"] - r_rgb["miou"]) < 0.08  # depth through the SPM: no large change in so few steps
 print("pipeline > linear head in mIoU and boundary F; pretrained ≈ random-init backbone; RGB-D ≈ RGB")
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 print("RESULT " + json.dumps({"miou": round(r_rgb["miou"], 4), "miou_linear": round(r_lin["miou"], 4),
                               "miou_rgbd": round(r_rgbd["miou"], 4), "miou_random_init": round(r_random["miou"], 4),
@@ -472,11 +472,11 @@ print("RESULT " + json.dumps({"miou": round(r_rgb["miou"], 4), "miou_linear": ro
                               "boundary_f_rgbd": round(r_rgbd["bf"], 4), "steps": STEPS, "train_images": N_TRAIN,
                               "val_images": N_VAL}))
 
-# %% [markdown]
+# %% [markdown] slide
 # Predictions on validation scenes: class colours as in section 1, drawn over the image in grey (background left
 # clear).
 
-# %%
+# %% hide-input
 def overlay(ax, img, mask, title=""):
     ax.imshow(viz.to_numpy_image(img).mean(-1), cmap="gray", vmin=0, vmax=1)  # grey, so the class colours stand out
     colours = torch.cat([colour_mask(mask), (mask > 0).float()[..., None] * 0.8], -1)  # background transparent
@@ -501,12 +501,12 @@ fig.legend(handles[1:], NAMES[1:], loc="lower center", ncol=K - 1, fontsize=8, f
 plt.tight_layout(rect=(0, 0.04, 1, 1))
 plt.show()
 
-# %% [markdown]
+# %% [markdown] subslide
 # Read the errors: the linear head, working on the 8 × 8 patch grid, marks almost nothing but background; the
 # pipeline models find the objects with clean outlines (stride 4), but often give them the wrong class — with or
 # without pretraining. Finding objects is learned from pixels; naming their shape is what the features should carry.
 
-# %%
+# %% hide-input
 fig, ax = plt.subplots(figsize=(6, 2.8))
 for name, h in [("pipeline", hist_rgb), ("pipeline, random-init backbone", hist_random),
                 ("pipeline, RGB-D", hist_rgbd), ("linear head", hist_linear)]:
@@ -518,7 +518,7 @@ ax.legend(fontsize=7)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ### The target, honestly
 #
 # The target set for this notebook: **mIoU ≥ 0.80** for backbone → adapter → pixel decoder → FPN head, and
@@ -526,7 +526,7 @@ plt.show()
 # linear head. The second part holds on every run (asserted above); the first does not come close on a CPU in this
 # budget. The numbers of this run:
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 display(Markdown("\n".join([
     "| | goal | measured |", "|---|---|---|",
@@ -538,7 +538,7 @@ display(Markdown("\n".join([
     f"| RGB-D − RGB | — | {r_rgbd['miou'] - r_rgb['miou']:+.3f} |",
     f"| best IoU among the five shape classes (pipeline) | — | {r_rgb['iou'][1:].max():.2f} |"])))
 
-# %% [markdown]
+# %% [markdown] notes
 # **Why it is out of reach here.**
 #
 # * **The frozen features do not separate the shapes.** The tiny checkpoint was pretrained for minutes on a CPU;
@@ -560,13 +560,13 @@ display(Markdown("\n".join([
 # backbone or LoRA on q and v (notebook 13). The check of success is the linear head: when it rises, the features
 # have become good, and the adapter, pixel decoder and FPN head then add their boundary quality on top.
 
-# %% [markdown]
+# %% [markdown] skip
 # ## 6. Summary
 #
 # The shape table of the trained model on one 128 × 128 scene, with the real backbone put back in place of the cache
 # (it is called through `get_intermediate_layers`, not `forward`, so it has no row of its own):
 
-# %%
+# %% skip
 model_rgb.adapter.backbone = backbone
 model_rgb.eval()
 print(trace(model_rgb, rgb_inputs["val"][:1].to(DEVICE),
@@ -575,7 +575,7 @@ print(trace(model_rgb, rgb_inputs["val"][:1].to(DEVICE),
                    "pixel_decoder.lateral_convs.0", "pixel_decoder.output_convs.0", "pixel_decoder.mask_feature",
                    "head", *[f"head.lateral_convs.{i}" for i in range(4)], "head.cls_seg"]))
 
-# %% [markdown]
+# %% [markdown] notes
 # ### What to remember
 #
 # * The end-to-end path: image [B, 3, 128, 128] → frozen ViT, 4 layers of [B, 64, 192] tokens → adapter (SPM +
