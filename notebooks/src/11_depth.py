@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 11 · Depth: the DPT head, depth bins and the scale-invariant log loss
 #
 # DINOv3 estimates **metric depth** with a frozen backbone and a trained head (`dinov3/eval/depth/`). The released
@@ -19,14 +19,14 @@
 # Expected run time: about 60 s on 2 idle CPU cores (about 70 s of single-thread CPU time, half of it the DPT
 # training); several times longer when the cores are shared.
 
-# %%
+# %% slide hide-input
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("11")))
 
-# %%
+# %% skip
 import os
 
 for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
@@ -58,7 +58,7 @@ backbone = hub.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
 D, DEPTH = backbone.embed_dim, len(backbone.blocks)
 print(f"pretrained tiny backbone: D={D}, {DEPTH} blocks, {count_params(backbone):,} parameters (frozen)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. The task: metric depth on ShapesWorld
 #
 # Each ShapesWorld sample has a `depth` map: the z-distance from the camera in metres (`dinolab/data.py`). A floor
@@ -66,7 +66,7 @@ print(f"pretrained tiny backbone: D={D}, {DEPTH} blocks, {count_params(backbone)
 # wall (7–10 m) that fills the upper part; objects stand on the floor and are always nearer than what is behind them.
 # We use 1,024 training and 256 validation images of 128 px (our choice, to fit the CPU budget).
 
-# %%
+# %% hide-input
 N_TRAIN, N_VAL, S = 1024 * SCALE, 256, 128
 train = ShapesWorld("train", size=S).batch(torch.arange(N_TRAIN))
 val = ShapesWorld("val", size=S).batch(torch.arange(N_VAL))
@@ -76,7 +76,7 @@ d_tr, d_va = train["depth"], val["depth"]
 print(f"train depth: min {d_tr.min():.2f} m, mean {d_tr.mean():.2f} m, max {d_tr.max():.2f} m; "
       f"object pixels {100 * (train['mask'] > 0).float().mean():.1f} %")
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 1.1 The metrics
 # Three standard monocular-depth metrics (as in `dinov3/eval/depth/`; ours are `dinolab.metrics.absrel`, `delta1`,
 # `rmse`), over all pixels, computed here by hand and checked:
@@ -85,20 +85,20 @@ print(f"train depth: min {d_tr.min():.2f} m, mean {d_tr.mean():.2f} m, max {d_tr
 # * **δ1** = share of pixels with max(pred/gt, gt/pred) < 1.25: how often the prediction is within 25 %;
 # * **RMSE** = sqrt(mean((pred − gt)²)) in metres: dominated by the far pixels, where errors in metres are largest.
 
-# %%
+# %% skip
 def metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict:
     pred = pred.reshape(gt.shape)
     return {"absrel": absrel(pred, gt), "delta1": delta1(pred, gt), "rmse": rmse(pred, gt)}
 
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 1.2 The baseline: per-row mean depth
 # The floor's depth depends on the row only (and on the camera, which varies a little per image), the wall is far and
 # flat, and objects cover only a small share of the pixels. So a "model" that ignores the image and predicts, for
 # every pixel, **the mean training depth of its row** is already good. Every head below must beat it; what a head adds
 # over it is what it reads from the image: where the horizon is, how far the wall is, and where the objects stand.
 
-# %%
+# %% hide-input
 row_prior = d_tr.mean(dim=(0, 2))  # (S,) mean depth of each row over all training images and columns
 pred_row = row_prior.view(1, S, 1).expand(N_VAL, S, S)
 const = torch.full_like(d_va, float(d_tr.mean()))
@@ -118,7 +118,7 @@ for name, m in baselines.items():
 display(Markdown("\n".join(rows)))
 assert base["absrel"] < 0.2 and base["delta1"] > 0.8  # the ground plane makes the row prior strong
 
-# %%
+# %% hide-input
 fig, axes = plt.subplots(1, 5, figsize=(10, 2.4), dpi=70, gridspec_kw=dict(width_ratios=[1, 1, 1, 1, 1.6]))
 for i in range(2):
     axes[2 * i].imshow(viz.to_numpy_image(val["image"][i]))
@@ -140,7 +140,7 @@ ax.tick_params(labelsize=7)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # Each thin line is one image: a plateau (the wall, at a depth that varies per image) down to a row where the floor
 # starts, then the floor curve falling to about 1 m at the bottom. The mean over images (black) smears the corner,
 # so the baseline's errors sit at the wall/floor boundary and on the objects.
@@ -153,7 +153,7 @@ plt.show()
 # (ViT-L, 24 blocks: `[4, 11, 17, 23]`; ViT-7B, 40 blocks: `[9, 19, 29, 39]`). Our tiny backbone has only 6 blocks;
 # we take its **last four** (`[2, 3, 4, 5]`, our choice). The images are normalised with the ImageNet mean/std first.
 
-# %%
+# %% hide-input
 LAYERS = [2, 3, 4, 5]
 x2 = viz.normalize(val["image"][:2]).to(DEVICE)
 with torch.no_grad():
@@ -162,12 +162,12 @@ print(f"image {tuple(x2.shape)} → {len(feats2)} (patch map, cls) pairs:")
 for layer, (pm, cls) in zip(LAYERS, feats2):
     print(f"  block {layer}: patch map {tuple(pm.shape)}  cls {tuple(cls.shape)}")
 
-# %% [markdown]
+# %% [markdown] notes
 # The backbone is frozen, so we run it **once** over all images and train the heads on the cached features
 # (`dinolab.train.extract_features`, the same call in batches, results on the CPU). We also cache the features of the
 # **same architecture at random init**, to see what pretraining contributes.
 
-# %%
+# %% skip
 def cache(model):
     kw = dict(layers=LAYERS, batch_size=128, normalize=True)
     return extract_features(model, train["image"], **kw), extract_features(model, val["image"], **kw)
@@ -181,7 +181,7 @@ print("cached train:", [(tuple(pm.shape), tuple(c.shape)) for pm, c in f_tr][:1]
 print("cached val:  ", [(tuple(pm.shape), tuple(c.shape)) for pm, c in f_va][:1], f"x {len(f_va)} layers")
 torch.testing.assert_close(f_va[-1][0][:2], feats2[-1][0].cpu(), rtol=1e-4, atol=1e-4)
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. The DPT head, step by step
 #
 # ```
@@ -204,7 +204,7 @@ torch.testing.assert_close(f_va[-1][0][:2], feats2[-1][0].cpu(), rtol=1e-4, atol
 # and keep the official structure; we use the readout "project" (the official default of `DPTHead`, and the CHMv2
 # head's choice) so the cls token informs every patch.
 
-# %%
+# %% hide-input
 N_BINS, MIN_DEPTH, MAX_DEPTH = 32, 0.5, 11.0
 HEAD_KW = dict(in_channels=(D,) * 4, channels=32, post_process_channels=[32, 32, 64, 64], readout_type="project",
                n_output_channels=N_BINS, use_batchnorm=True, n_hidden_channels=16)
@@ -215,14 +215,14 @@ print(f"{count_params(dpt):,} trainable parameters")
 for name, mod in dpt.named_children():
     print(f"  {name:20s} {count_params(mod):>8,}")
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 3.1 Reassemble
 # Per level: the **readout** "project" concatenates every patch token with the cls token and maps the 2D vector back
 # to D (`Linear(2D → D) + GELU`); then BatchNorm (`use_batchnorm`), a 1×1 conv to `pp_i` channels, and a resize that
 # turns the single 1/16 grid into a **pyramid** at strides 4, 8, 16, 32. We do it by hand with the head's own
 # modules, on two validation images (eval mode, so BN uses its running statistics).
 
-# %%
+# %% hide-input
 dpt.eval()
 x = [(pm[:2].to(DEVICE), c[:2].to(DEVICE)) for pm, c in f_va]
 rb = dpt.reassemble_blocks
@@ -246,7 +246,7 @@ for a, b in zip(pyramid, ref):
     torch.testing.assert_close(a, b)
 print("by hand == dpt.reassemble_blocks")
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 3.2 Convs, fusion, project
 # `convs[i]` (3×3, no bias) bring every level to `channels` C. The fusion blocks then go **from the coarsest level
 # up**: `fusion_blocks[0]` takes the stride-32 map alone; each next block adds the running output to the next finer
@@ -254,7 +254,7 @@ print("by hand == dpt.reassemble_blocks")
 # residual unit, upsamples ×2 (bilinear, `align_corners=True`) and projects with a 1×1 conv. Four blocks, four ×2:
 # from 4×4 to 64×64.
 
-# %%
+# %% hide-input
 with torch.no_grad():
     levels = [conv(f) for conv, f in zip(dpt.convs, pyramid)]
     for i, f in enumerate(levels):
@@ -270,12 +270,12 @@ with torch.no_grad():
     torch.testing.assert_close(feat, dpt.forward_features(x))
 print("by hand == dpt.forward_features")
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 3.3 The head: `conv_depth` (UpConvHead)
 # 3×3 conv C → C/2, bilinear ×2 (now the full 128 × 128), 3×3 conv to `n_hidden_channels`, ReLU, 1×1 conv to one score
 # per **depth bin**. Section 4 turns these scores into metres.
 
-# %%
+# %% hide-input
 with torch.no_grad():
     h_ = feat
     for j, layer in enumerate(dpt.conv_depth.head):
@@ -284,7 +284,7 @@ with torch.no_grad():
     torch.testing.assert_close(h_, dpt(x))
 print(f"by hand == dpt(x): {N_BINS} bin scores per pixel, at the input resolution {S}×{S}")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. From bin scores to depth
 #
 # `FeaturesToDepth` (`dinov3/eval/depth/models/__init__.py`, "classification-regression" as in AdaBins): with K > 1
@@ -302,7 +302,7 @@ print(f"by hand == dpt(x): {N_BINS} bin scores per pixel, at the input resolutio
 # with linear normalisation; we use **log bins over (0.5, 11) m** (our choice: ShapesWorld depth is 0.9–10 m) and the
 # official linear normalisation.
 
-# %%
+# %% subslide hide-input
 lin_bins = depth_bins(N_BINS, MIN_DEPTH, MAX_DEPTH, "linear")
 log_bins = depth_bins(N_BINS, MIN_DEPTH, MAX_DEPTH, "log")
 print("linear bins:", [round(v, 2) for v in lin_bins[:4].tolist()], "...", [round(v, 2) for v in lin_bins[-2:].tolist()],
@@ -326,7 +326,7 @@ for bs in ("linear", "log"):
     for ns in ("linear", "softmax"):
         print(f"  all-zero scores, {bs} bins, {ns} norm → depth {float(FeaturesToDepth(MIN_DEPTH, MAX_DEPTH, bs, ns)(zero)):.2f} m")
 
-# %%
+# %% hide-input
 fig, axes = plt.subplots(1, 2, figsize=(10, 2.6), dpi=70)
 ax = axes[0]
 ax.hist(d_tr[:256].flatten().numpy(), bins=80, color="0.7", density=True, label="ShapesWorld train depth")
@@ -351,7 +351,7 @@ ax.tick_params(labelsize=7)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # Left: log bins crowd where most ShapesWorld pixels are (1–4 m of floor), linear bins spend half of their bins on
 # 5–11 m. Right: with the linear normalisation, multiplying the scores by 3 barely changes the weights (apart from
 # the 0.1 floor, the weights are proportional to relu(s)), and every negative score gets the same floor weight;
@@ -371,7 +371,7 @@ plt.show()
 # costs √0.15·|log s| ≈ 0.39·|log s|, an error in the *shape* of the depth map costs fully. During the first `warm_iter`
 # calls (official: 100) only the mean term is used (`warm_up`), so the network first gets the overall scale right.
 
-# %%
+# %% subslide hide-input
 def sigloss_by_hand(pred, gt, eps=1e-3):
     g_ = torch.log(pred + eps) - torch.log(gt + eps)
     return torch.sqrt(torch.var(g_) + 0.15 * g_.mean() ** 2)
@@ -394,7 +394,7 @@ warm = SigLoss(warm_up=True, warm_iter=2)
 print("warm-up (warm_iter=2), three calls on the noisy prediction:",
       [round(float(warm(noisy, gt)), 4) for _ in range(3)], "(mean term only for the first two)")
 
-# %% [markdown]
+# %% [markdown] slide
 # Because a scale error is cheap for SigLoss but expensive for AbsRel and δ1, a head trained with it can be
 # "right up to scale" and still score badly on metric depth. The official NYU DPT config evaluates with
 # `align_least_squares` (a per-image scale and shift fitted to the ground truth); we report **plain metric depth**
@@ -413,7 +413,7 @@ print("warm-up (warm_iter=2), three calls on the noisy prediction:",
 #   pretrained and on the random-init features.
 # * **DPT head**: the head of section 3, on the pretrained features.
 
-# %%
+# %% skip
 STEPS_LIN, BATCH_LIN, LR_LIN = 200 * SCALE, 16, 3e-2
 STEPS_DPT, BATCH_DPT = 200 * SCALE, 8
 
@@ -459,7 +459,7 @@ def predict(head, feats, chunk=64):
     return torch.cat(out)[:, 0]
 
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 # training: losses and timings vary with the machine; the asserts after the table check the outcome
 runs = {}
@@ -477,7 +477,7 @@ runs["DPT head, pretrained backbone"] = dict(head=dpt, hist=hist, feats_val=f_va
 print(f"DPT head: {count_params(dpt):,} params, {STEPS_DPT} steps × {BATCH_DPT}, {secs:.1f} s, "
       f"final loss {sum(hist[-10:]) / 10:.4f}")
 
-# %%
+# %% subslide hide-input
 # NBVAL_IGNORE_OUTPUT
 # the scores depend on float rounding in their last digits; the asserts in the next cell check what the text claims
 preds = {"per-row mean depth (no image)": pred_row}
@@ -501,7 +501,7 @@ aligned = metrics(p_dpt * scale, d_va)
 print(f"DPT rescaled per image to the ground truth's median depth (a check, not reported): AbsRel "
       f"{aligned['absrel']:.3f}, δ1 {aligned['delta1']:.3f}: the error is not a global scale")
 
-# %%
+# %% hide-input
 base_s = scores["per-row mean depth (no image)"]
 lin_s, lin_r = scores["linear head, pretrained backbone"], scores["linear head, random-init backbone"]
 dpt_s = scores["DPT head, pretrained backbone"]
@@ -511,7 +511,7 @@ assert dpt_s["delta1"] > 0.85 and dpt_s["absrel"] < 0.15, dpt_s
 assert dpt_s["absrel"] < lin_s["absrel"] and dpt_s["delta1"] > lin_s["delta1"], (dpt_s, lin_s)
 print("asserted: the DPT head beats the per-row baseline and the linear head")
 
-# %%
+# %% hide-input
 fig, axes = plt.subplots(1, 2, figsize=(9, 2.4), dpi=70)
 for name, r in runs.items():
     h = torch.tensor(r["hist"])
@@ -528,13 +528,13 @@ axes[1].set_title("DPT head", fontsize=9)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] subslide
 # The jump at step 20 is the end of SigLoss's warm-up: the variance term switches on, so the loss value itself
 # changes definition there (it is not a divergence).
 #
 # ### 6.1 Depth maps and error maps
 
-# %%
+# %% hide-input
 show = [0, 3, 5]
 cols = [("image", None), ("ground truth", d_va), ("per-row mean", pred_row),
         ("linear head", preds["linear head, pretrained backbone"]), ("DPT head", p_dpt)]
@@ -562,7 +562,7 @@ fig.colorbar(im_d, cax=fig.add_axes([0.875, 0.15, 0.012, 0.7]), label="depth (m)
 fig.colorbar(im_e, cax=fig.add_axes([0.935, 0.15, 0.012, 0.7]), label="DPT relative error")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # Read the maps. The linear head, which sees each patch alone through a 1×1 conv, does not even reproduce the smooth
 # floor: it has no idea where in the image a patch is unless the features say so, and its map is blotchy. The DPT head
 # (3×3 convs, zero padding at the borders, four scales fused) produces a smooth ground plane and moves the wall/floor
@@ -573,7 +573,7 @@ plt.show()
 #
 # ## Result
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 result = {"absrel": round(dpt_s["absrel"], 4), "delta1": round(dpt_s["delta1"], 4), "rmse": round(dpt_s["rmse"], 4),
           "linear_absrel": round(lin_s["absrel"], 4), "linear_delta1": round(lin_s["delta1"], 4),
@@ -583,10 +583,10 @@ result = {"absrel": round(dpt_s["absrel"], 4), "delta1": round(dpt_s["delta1"], 
           "head": "DPTHead", "bins": N_BINS, "steps": STEPS_DPT, "batch": BATCH_DPT, "n_train": N_TRAIN, "n_val": N_VAL}
 print("RESULT " + json.dumps(result))
 
-# %% [markdown]
+# %% [markdown] slide
 # ### The target, and what would reach it
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 ok = dpt_s["delta1"] >= 0.90 and dpt_s["absrel"] <= 0.10
 grid_gt = F.interpolate(F.interpolate(d_va[:, None], size=(S // 16, S // 16), mode="area"), size=(S, S),
@@ -607,16 +607,16 @@ display(Markdown(
     f"backbone (more pretraining steps, larger batches, on a GPU), larger images (more patches per object), the "
     f"official head widths and schedule (256 bins, thousands of steps), or fine-tuning the backbone (notebook 13)."))
 
-# %% [markdown]
+# %% [markdown] skip
 # ## Summary
 #
 # The shapes through the DPT head (`dinolab.trace`, two validation images):
 
-# %%
+# %% skip
 dpt.eval()
 display(trace.trace(dpt, [(pm[:2].to(DEVICE), c[:2].to(DEVICE)) for pm, c in f_va], max_depth=2))
 
-# %% [markdown]
+# %% [markdown] notes
 # **What to remember**
 #
 # * DINOv3's depth heads read a **frozen** backbone through `get_intermediate_layers(..., reshape=True,
