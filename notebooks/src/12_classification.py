@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 12 · Classification: the linear probe and k-NN
 #
 # The standard way to measure what a self-supervised backbone has learned is to **freeze** it and fit the simplest
@@ -17,14 +17,14 @@
 #
 # Expected run time: about 25 s on 2 idle CPU cores (most of it extracting the features of 3,584 images).
 
-# %%
+# %% slide hide-input
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("12")))
 
-# %%
+# %% skip
 import os
 
 for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
@@ -54,7 +54,7 @@ backbone = hub.dinov3_vittiny16(weights=CKPT).to(DEVICE).eval()
 D = backbone.embed_dim
 print(f"pretrained tiny backbone: D={D}, {len(backbone.blocks)} blocks, {count_params(backbone):,} parameters (frozen)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. The label, and the baseline to beat
 #
 # `dinolab/data.py`: the image label is **the class that covers the most visible pixels** of the semantic mask (summed
@@ -62,7 +62,7 @@ print(f"pretrained tiny backbone: D={D}, {len(backbone.blocks)} blocks, {count_p
 # holds 1–4 objects of 5 shapes, so the label is "the dominant shape", and the others are distractors. We use three
 # disjoint splits: train (fit), val (choose the probe's learning rate), test (report).
 
-# %%
+# %% hide-input
 N_TRAIN, N_VAL, N_TEST, S = 1024 * SCALE, 256, 512, 128
 data = {split: ShapesWorld(split, size=S).batch(torch.arange(n))
         for split, n in (("train", N_TRAIN), ("val", N_VAL), ("test", N_TEST))}
@@ -96,7 +96,7 @@ print(f"the labelled class covers a median {100 * share.median():.1f} % of the i
       f"test images a second shape covers more than half as many pixels as the label's")
 assert 0.15 < majority_acc < 0.3  # five shapes, roughly balanced
 
-# %%
+# %% subslide hide-input
 fig, axes = plt.subplots(2, 6, figsize=(10, 3.6), dpi=70)
 for i in range(6):
     axes[0, i].imshow(viz.to_numpy_image(data["test"]["image"][i]))
@@ -111,7 +111,7 @@ fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=6, fontsize=8, frameon
 plt.tight_layout(rect=(0, 0.06, 1, 1))
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # The classes are not balanced: a shape that covers more pixels on average (circle, ring: see the mean areas above)
 # wins the "most pixels" vote more often than a thin one (star, triangle), so always answering the most frequent label already beats
 # 1/5. That majority-class accuracy is the floor any classifier must clear. The labelled shape is also small: a few
@@ -126,7 +126,7 @@ plt.show()
 # one block → **2D features**. The hub's ViT-7B classifier `dinov3_vit7b16_lc` is exactly that: `Linear(8192, 1000)`
 # on `cat(CLS, mean patch)`, D = 4096.
 
-# %%
+# %% hide-input
 x2 = viz.normalize(data["test"]["image"][:2]).to(DEVICE)
 with torch.no_grad():
     out = backbone.get_intermediate_layers(x2, n=4, return_class_token=True, norm=True)
@@ -141,11 +141,11 @@ print("create_linear_input(n=1, avgpool) == cat(cls, mean patch)")
 for nb, avg in ((1, False), (1, True), (4, True)):
     print(f"  use_n_blocks={nb}, use_avgpool={avg!s:5s} → {tuple(create_linear_input(out, nb, avg).shape)}")
 
-# %% [markdown]
+# %% [markdown] notes
 # The backbone is frozen, so we extract the last four blocks' (patch tokens, CLS) once for every image, for the
 # pretrained backbone and for the same architecture at **random init**, and fit all classifiers on the cache.
 
-# %%
+# %% skip
 def cache(model):
     return {split: extract_features(model, b["image"], layers=4, batch_size=128, reshape=False, normalize=True)
             for split, b in data.items()}
@@ -157,7 +157,7 @@ feats["random init"] = cache(hub.dinov3_vittiny16().to(DEVICE).eval())
 for name, f in feats.items():
     print(f"{name:11s}", {split: f"{len(v)} × ({tuple(v[-1][0].shape)}, {tuple(v[-1][1].shape)})" for split, v in f.items()})
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. The linear probe
 #
 # `LinearClassifier` (ours, official names): `nn.Linear(out_dim, num_classes)` with weight N(0, 0.01) and bias 0, on
@@ -166,7 +166,7 @@ for name, f in feats.items():
 # validation set. Ours (smaller, our choice): 6 learning rates, 30 epochs of 1,024 images at batch 128; the best
 # learning rate is chosen on **val** and the accuracy reported on **test**, a split it never saw.
 
-# %%
+# %% skip
 LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 EPOCHS, BATCH = 30, 128
 PROBES = {"CLS only": dict(use_cls=True, use_mean_patch=False),
@@ -204,7 +204,7 @@ def acc(pred, target):
     return float((pred == target).float().mean())
 
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 # the accuracies depend on float rounding in their last digits; the asserts below check what the text claims
 results, best = {}, {}
@@ -225,7 +225,7 @@ se = (0.5 * 0.5 / N_VAL) ** 0.5
 print(f"standard error of one val accuracy on {N_VAL} images: up to ±{se:.3f}; learning rates whose val accuracies "
       f"differ by less than about {2 * se:.2f} are a tie, so the pick among them is noise")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. Weighted k-NN
 #
 # `dinolab.linear.knn_predict` (DINO's `knn.py`): cosine similarity between L2-normalised features, the k most
@@ -233,7 +233,7 @@ print(f"standard error of one val accuracy on {N_VAL} images: up to ±{se:.3f}; 
 # k = 10, 20, 100 and 200; we do too. No training, no hyperparameter search: a pure measure of how the feature space
 # is organised. We check it by hand for one test image first (k = 20).
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 # the similarities and votes are printed with many digits; the assert checks the by-hand vote against knn_predict
 f_cls = {split: v[-1][1] for split, v in feats["pretrained"].items()}  # last block's CLS
@@ -247,7 +247,7 @@ print("weighted votes per class:", {CLASS_NAMES[c]: round(float(v), 1) for c, v 
 assert int(votes.argmax()) == int(knn_predict(f_cls["train"], y["train"], f_cls["test"][:1], k=20, T=0.07)[0])
 print("by hand == knn_predict")
 
-# %%
+# %% subslide hide-input
 # NBVAL_IGNORE_OUTPUT
 # the accuracies can differ in the last digit between machines; the asserts below check what the text claims
 KS = (10, 20, 100, 200)  # the official knn.py's values
@@ -264,7 +264,7 @@ for (bname, pname), a in results.items():
 rows.append(f"| — | majority class ('{CLASS_NAMES[majority]}') | {majority_acc:.3f} |" + " |" * len(KS))
 display(Markdown("\n".join(rows)))
 
-# %%
+# %% hide-input
 ACC = results["pretrained", "CLS ‖ mean patch (official)"]
 ACC_CLS = results["pretrained", "CLS only"]
 KNN = knn["pretrained", "CLS only"]
@@ -275,12 +275,12 @@ assert min(ACC, ACC_CLS, KNN) > 0.15  # and none is far below chance (the pipeli
 assert abs(ACC - RAND) < 0.15  # pretraining did not separate the shapes: about the same as random init
 print("asserted: the best of all 8 classifiers is within 0.08 of the majority-class baseline; pretrained ≈ random init")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 5. Which classes get confused?
 # Rows: the true label; columns: the probe's prediction (pretrained backbone, official features, test split),
 # normalised per row so the diagonal is each class's recall.
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 # predictions of a trained probe: counts can move by one between machines
 pred = predict(best["pretrained", "CLS ‖ mean patch (official)"], feats["pretrained"]["test"])
@@ -317,14 +317,14 @@ print(f"predictions that are one of the two most frequent training labels ({', '
       f"{100 * torch.isin(pred, top2).float().mean():.0f} % (their share of the true test labels: "
       f"{100 * torch.isin(y['test'], top2).float().mean():.0f} %)")
 
-# %% [markdown]
+# %% [markdown] notes
 # The pattern of errors says more than the total: the probe answers mostly with the frequent labels, whatever the true
 # shape. It has learned the class frequencies, not the shapes; the rare thin shapes (triangle, star) are almost never
 # recognised.
 #
 # ## Result
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 result = {"acc": round(ACC, 4), "acc_cls_only": round(ACC_CLS, 4), "knn_acc": round(KNN, 4),
           "knn_acc_cls_meanpatch": round(knn["pretrained", "CLS ‖ mean patch (official)"], 4),
@@ -333,10 +333,10 @@ result = {"acc": round(ACC, 4), "acc_cls_only": round(ACC_CLS, 4), "knn_acc": ro
           "n_train": N_TRAIN, "n_val": N_VAL, "n_test": N_TEST, "split_reported": "test"}
 print("RESULT " + json.dumps(result))
 
-# %% [markdown]
+# %% [markdown] slide
 # ### The target, and what would reach it
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 display(Markdown(
     f"**Target**: accuracy ≥ 0.95. **Measured** on {N_TEST} test images: linear probe on CLS ‖ mean patch "
@@ -354,19 +354,19 @@ display(Markdown(
     f"official README's fast setup (ViT-L/16 pretrained on ImageNet-1k, 32 H100s for about 14 h) reaches 82.0 % k-NN "
     f"and 83.5 % linear-probe accuracy on ImageNet's 1,000 classes."))
 
-# %% [markdown]
+# %% [markdown] slide
 # ## Summary
 #
 # The shapes through the official probe (`dinolab.trace`, two test images; the head takes the (patch tokens, CLS)
 # pairs of `get_intermediate_layers`):
 
-# %%
+# %% hide-input
 probe = best["pretrained", "CLS ‖ mean patch (official)"]
 two = [(p[:2].to(DEVICE), c[:2].to(DEVICE)) for p, c in feats["pretrained"]["test"]]
 display(trace.trace(probe, two))
 print(f"LinearClassifier: in {probe.out_dim} = 2 × D, out {probe.num_classes} classes, {count_params(probe):,} parameters")
 
-# %% [markdown]
+# %% [markdown] notes
 # **What to remember**
 #
 # * Linear probe and k-NN measure a **frozen** backbone: the backbone's features, not the classifier, are what is
