@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 13 · LoRA on q and v: adapting a frozen DINOv3 backbone
 #
 # The downstream recipes of the official DINOv3 code keep the backbone **frozen** and train only a head
@@ -21,14 +21,14 @@
 #
 # Expected run time: about 45 s on 2 CPU cores.
 
-# %%
+# %% slide hide-input
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("13")))
 
-# %%
+# %% skip
 import os
 
 for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -64,7 +64,7 @@ pretrained = hub.dinov3_vittiny16(weights=CKPT).eval()
 D, DEPTH = pretrained.embed_dim, len(pretrained.blocks)
 print(f"pretrained tiny backbone: D={D}, {DEPTH} blocks, {count_params(pretrained):,} parameters")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. The low-rank idea
 #
 # Fine-tuning turns a pretrained weight $W \in \mathbb{R}^{d_{out}\times d_{in}}$ into $W + \Delta W$. LoRA bets
@@ -83,7 +83,7 @@ print(f"pretrained tiny backbone: D={D}, {DEPTH} blocks, {count_params(pretraine
 # (Li et al. 2018; Aghajanyan et al. 2020), cited by the LoRA paper as its motivation. Here is the arithmetic on
 # the q projection of the tiny backbone's first block ($D = 192$):
 
-# %%
+# %% hide-input
 W_q = pretrained.blocks[0].attn.qkv.weight[:D].detach()  # the q rows of the fused qkv (section 3)
 r, alpha = 4, 8.0
 g = torch.Generator().manual_seed(0)
@@ -102,12 +102,12 @@ print(f"x {tuple(x.shape)} -> x A^T {tuple((x @ A.T).shape)} -> (x A^T) B^T {tup
       f"equals x (W + ΔW)^T")
 print(f"multiply-adds per token: W x {D * D:,}   B(A x) {2 * r * D:,}")
 
-# %% [markdown]
+# %% [markdown] subslide
 # The figure draws these matrices to scale. On the left, one $D \times D$ projection and its update
 # $B A$ for $r = 8$. On the right, DINOv3's **fused** `qkv` weight, $(3D) \times D$: LoRA adds $B_q A_q$ to the
 # q rows and $B_v A_v$ to the v rows, and leaves the k rows alone (section 3).
 
-# %%
+# %% hide-input
 def draw_box(ax, x0, y0, w, h, color, label, text_color="black", fontsize=9, alpha_=0.85):
     ax.add_patch(Rectangle((x0, y0), w, h, facecolor=color, edgecolor="black", lw=0.8, alpha=alpha_))
     ax.text(x0 + w / 2, y0 + h / 2, label, ha="center", va="center", fontsize=fontsize, color=text_color)
@@ -147,7 +147,7 @@ for ax in axes:
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] notes
 # ## 2. Why q and v
 #
 # Which matrices should get the update? The LoRA paper answers with one ablation (§7.1, Table 5): GPT-3 175B, a
@@ -172,7 +172,7 @@ plt.show()
 # default and accepts any non-empty subset of `("q", "k", "v")`; the output projection `attn.proj` and the MLPs are
 # not adapted (an exercise below).
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. Slicing a fused qkv
 #
 # DINOv3 computes q, k and v with **one** `Linear(D, 3D)` (`dinov3/layers/attention.py::SelfAttention`): the
@@ -193,7 +193,7 @@ plt.show()
 #
 # First by hand, on block 0 of the pretrained backbone, with random (nonzero) $A$ and $B$:
 
-# %%
+# %% hide-input
 qkv = pretrained.blocks[0].attn.qkv  # LinearKMaskedBias(192, 576)
 print(qkv, "| weight", tuple(qkv.weight.shape), "| bias", tuple(qkv.bias.shape))
 g = torch.Generator().manual_seed(1)
@@ -223,12 +223,12 @@ torch.testing.assert_close(by_hand[..., :D], q_sep, rtol=1e-5, atol=1e-5)
 torch.testing.assert_close(by_hand[..., D:2 * D], out[..., D:2 * D], rtol=0, atol=0)
 print("LoRA on rows 0:D of the fused qkv == LoRA on a separate q_proj; the k third is untouched")
 
-# %% [markdown]
+# %% [markdown] subslide
 # Now the library: `LoRAQKV` wraps the same layer (its `base`), gets the same $A$, $B$ and must give the same
 # output; merging must write $\frac{\alpha}{r}B_qA_q$ into rows `0:D` and $\frac{\alpha}{r}B_vA_v$ into `2D:3D`,
 # and nothing into the k rows or the bias.
 
-# %%
+# %% hide-input
 import copy
 
 wrapped = lora.LoRAQKV(copy.deepcopy(qkv), r=r, alpha=alpha, targets=("q", "v"))
@@ -256,7 +256,7 @@ print("dinolab.lora.LoRAQKV == by hand (unmerged and merged); merge changed only
 # $B$ into both, and compares the outputs of the **whole model** before merging, after merging, and after
 # `merge_and_unload` (max difference < 1e-4).
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 4. How many trainable parameters?
 #
 # `apply_lora(model, r, alpha)` wraps every block's `qkv` and freezes everything else. Each block then trains
@@ -264,7 +264,7 @@ print("dinolab.lora.LoRAQKV == by hand (unmerged and merged); merge changed only
 # on the `meta` device (no memory, no arithmetic) for every released configuration and check the count against the
 # formula in `lora_param_count`. The share is of the backbone's parameters.
 
-# %%
+# %% hide-input
 RANKS = (4, 8, 16, 64)
 rows = ["| model | D | blocks | backbone | " + " | ".join(f"r = {k}" for k in RANKS) + " |",
         "|---|---|---|---|" + "---|" * len(RANKS)]
@@ -284,18 +284,18 @@ for name in hub.RELEASED + ["dinov3_vittiny16"]:
     rows.append(f"| `{name}` | {model_m.embed_dim} | {len(model_m.blocks)} | {n_backbone / 1e6:,.1f}M | " + " | ".join(cells) + " |")
 display(Markdown("\n".join(rows)))
 
-# %% [markdown]
+# %% [markdown] notes
 # The share shrinks as models grow: at fixed $r$ a block's LoRA count grows like $D$ ($4rD$) while the block
 # grows like $D^2$ (about $4D^2$ in attention plus $8D^2$ in an MLP of ratio 4), so the share is roughly
 # $4rD / 12D^2 = r / (3D)$. The counts are for the backbone only; the head trains on top in every method.
 
-# %%
+# %% hide-input
 assert share["dinov3_vit7b16", 4] < share["dinov3_vitl16", 4] < share["dinov3_vits16", 4] < 0.1
 assert all(share[n, 64] < 0.1 for n in hub.RELEASED)
 print(f"r=4: ViT-S {share['dinov3_vits16', 4]:.2%} (r/(3D) = {4 / (3 * 384):.2%}), ViT-L {share['dinov3_vitl16', 4]:.2%}, "
       f"ViT-7B {share['dinov3_vit7b16', 4]:.3%} of the backbone")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 5. Run it: a shifted domain, three ways to adapt
 #
 # ### 5.1 The data
@@ -310,7 +310,7 @@ print(f"r=4: ViT-S {share['dinov3_vits16', 4]:.2%} (r/(3D) = {4 / (3 * 384):.2%}
 # CLS features classify shapes at chance level, see data/README.md), and a six-class per-patch head mostly
 # predicts background; foreground vs background is the part of the dense task this checkpoint can do.
 
-# %%
+# %% hide-input
 N_TRAIN, N_VAL, N_SHOW = 384 * SCALE, 256, 4
 shifted_tr = ShapesWorld("train", num_samples=N_TRAIN, domain="shifted").tensors()
 shifted_va = ShapesWorld("val", num_samples=N_VAL, domain="shifted").tensors()
@@ -322,7 +322,7 @@ for name, d in [("shifted train", shifted_tr), ("shifted val", shifted_va), ("so
 assert torch.equal(source_tr["mask"], shifted_tr["mask"])  # same layouts, only the appearance differs
 print("masks of source and shifted are identical: same scenes")
 
-# %%
+# %% subslide hide-input
 fig, axes = plt.subplots(3, N_SHOW, figsize=(8, 6), dpi=70)
 for j in range(N_SHOW):
     axes[0, j].imshow(viz.to_numpy_image(source_tr["image"][j]))
@@ -337,7 +337,7 @@ fig.suptitle("The same scenes in the source and the shifted domain, and the targ
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 5.2 The head, the loss and the training budget
 #
 # All three methods use the **same head** and the **same batches**:
@@ -353,7 +353,7 @@ plt.show()
 # The backbone's learning rate is the one thing that differs: 5e-3 for the LoRA tensors (a larger lr is usual
 # for LoRA: $B$ starts at zero and the update is scaled by $\alpha/r$) and 2e-4 for full fine-tuning.
 
-# %%
+# %% hide-input
 STEPS, BATCH = 60 * SCALE, 16
 LR_HEAD, LR_LORA, LR_FULL = 1e-2, 5e-3, 2e-4
 R_LORA, ALPHA_LORA = 4, 8.0
@@ -409,14 +409,14 @@ def predict(model, inputs, bs=64):
 def fg_iou(pred, target):
     return float(miou(pred, target, NC, per_class=True)[1][1])  # IoU of class 1, the foreground
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 5.3 Is the frozen backbone hurt by the shift?
 #
 # Domain adaptation starts from the premise that frozen features are worse on the new domain. We measure it
 # with the linear probe (frozen backbone, cached features, the protocol above) trained and tested on each domain,
 # and the source probe applied to shifted images (the "train on source, deploy on target" case).
 
-# %%
+# %% skip
 def cached(images):
     return extract_features(pretrained.to(DEVICE), images, layers=1, batch_size=64, return_class_token=False,
                             normalize=True)[0].to(DEVICE)
@@ -437,7 +437,7 @@ def linear_probe(domain):
 
 probes = {dom: linear_probe(dom) for dom in ("source", "shifted")}
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 # scores depend on float rounding in their last digit; the assert in the next cell checks what the text claims
 shift_table = {
@@ -449,11 +449,11 @@ print("linear probe, foreground IoU on 256 val images")
 for (tr, te), v in shift_table.items():
     print(f"  trained on {tr:8s} tested on {te:8s} {v:.3f}")
 
-# %%
+# %% hide-input
 assert shift_table["shifted", "shifted"] > shift_table["source", "source"] + 0.1
 print("the frozen tiny backbone is NOT hurt by this shift: its probe does better on the shifted domain")
 
-# %% [markdown]
+# %% [markdown] notes
 # The premise fails for this checkpoint, and it is worth saying so: with the same protocol, the probe on source
 # features finds almost no foreground at all (it predicts background nearly everywhere, so its IoU is near 0),
 # while the probe on shifted features finds a good part of it. The figure in 5.1 suggests why, though we have not
@@ -466,12 +466,12 @@ print("the frozen tiny backbone is NOT hurt by this shift: its probe does better
 # does adapting the backbone add to a head on frozen features, and at what cost?** The linear probe trained on
 # shifted images above is the first method.
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 5.4 Linear probe vs LoRA vs full fine-tuning
 #
 # The three methods, each built from the same pretrained weights:
 
-# %%
+# %% hide-input
 methods = {}
 
 # 1. linear probe: the shifted probe of 5.3 (frozen backbone, cached features)
@@ -501,7 +501,7 @@ for name, m in methods.items():
           f"{m['trainable'] - m['backbone_trainable']:,})")
 assert methods["LoRA r=4 (q, v)"]["backbone_trainable"] == lora.lora_param_count(D, DEPTH, R_LORA)
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 # training: losses and timings vary with the machine; the asserts after the score table check the outcome
 for name in ("LoRA r=4 (q, v)", "full fine-tuning"):
@@ -512,7 +512,7 @@ for name in ("LoRA r=4 (q, v)", "full fine-tuning"):
     m["step_s"] = (time.perf_counter() - t0) / STEPS
     print(f"{name:17s} loss {m['hist'][0]:.3f} -> {sum(m['hist'][-10:]) / 10:.3f}   {m['step_s'] * 1e3:.0f} ms/step")
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 preds = {"linear probe": predict(probe, feat["shifted"][1]),
          "LoRA r=4 (q, v)": predict(lora_model, x_va),
@@ -525,7 +525,7 @@ for name, m in methods.items():
     rows.append(f"| {name} | {m['trainable']:,} | {m['trainable'] / n_full:.2%} | {m['score']:.3f} |")
 display(Markdown("\n".join(rows)))
 
-# %%
+# %% hide-input
 linear_score = methods["linear probe"]["score"]
 lora_score = methods["LoRA r=4 (q, v)"]["score"]
 full_score = methods["full fine-tuning"]["score"]
@@ -543,7 +543,7 @@ print(f"LoRA beats the linear probe by more than 0.05 IoU and recovers more than
 # trainable parameters. The linear probe's loss stalls highest (below): a head on frozen features cannot
 # change what the features see; LoRA's 18k numbers in the attention are enough to change it.
 
-# %%
+# %% subslide hide-input
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=80)
 colors = {"linear probe": "tab:gray", "LoRA r=4 (q, v)": "tab:orange", "full fine-tuning": "tab:blue"}
 for name, m in methods.items():
@@ -561,7 +561,7 @@ axes[1].legend(fontsize=8, loc="lower right")
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% subslide hide-input
 fig, axes = plt.subplots(5, N_SHOW, figsize=(7.5, 9.5), dpi=60)
 for j in range(N_SHOW):
     axes[0, j].imshow(viz.to_numpy_image(shifted_va["image"][j]))
@@ -577,7 +577,7 @@ fig.suptitle("Foreground predictions on shifted val images 0-3", fontsize=10)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 5.5 Memory: what each method has to keep
 #
 # Training memory has four parts: the weights (all methods keep the whole backbone), the **gradients** and the
@@ -588,7 +588,7 @@ plt.show()
 # (On a GPU, `torch.cuda.max_memory_allocated` gives the peak directly; on the CPU there is no such counter.)
 # The linear probe on cached features saves only the head's activations; its backbone ran once, without a graph.
 
-# %%
+# %% hide-input
 def saved_activation_bytes(model, inputs):
     """Bytes of the tensors autograd saves for backward in one forward pass (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -623,7 +623,7 @@ assert mem["LoRA r=4 (q, v)"]["adam"] < 0.01 * mem["full fine-tuning"]["adam"]
 assert mem["LoRA r=4 (q, v)"]["act"] <= mem["full fine-tuning"]["act"]
 assert mem["linear probe"]["act"] < 0.1 * mem["LoRA r=4 (q, v)"]["act"]
 
-# %% [markdown]
+# %% [markdown] notes
 # Two things to read in the table.
 #
 # * **Activations.** The gradient must flow back through every block to reach the LoRA tensors of block 0, so LoRA
@@ -636,19 +636,19 @@ assert mem["linear probe"]["act"] < 0.1 * mem["LoRA r=4 (q, v)"]["act"]
 #   tiny model this is small change next to the activations; for a large model it is the dominant term, as the
 #   next cell computes for ViT-7B in fp32.
 
-# %%
+# %% hide-input
 n7b = count_params(hub.build("dinov3_vit7b16", device="meta"))
 n7b_lora = lora.lora_param_count(4096, 40, 4)
 print(f"saved activations: LoRA / full = {mem['LoRA r=4 (q, v)']['act'] / mem['full fine-tuning']['act']:.2f}")
 print(f"ViT-7B, fp32, before activations: full fine-tuning {16 * n7b / 1e9:.1f} GB (weights + grads + 2 AdamW moments); "
       f"LoRA r=4 {(4 * n7b + 16 * n7b_lora) / 1e9:.1f} GB (frozen weights {4 * n7b / 1e9:.1f} GB + {16 * n7b_lora / 1e6:.0f} MB)")
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 5.6 Step time
 #
 # Measured during training above (wall clock, so it depends on the machine; not compared by CI):
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 for name in ("LoRA r=4 (q, v)", "full fine-tuning"):
     print(f"{name:17s} {methods[name]['step_s'] * 1e3:6.0f} ms per training step (batch {BATCH}, 128 px, {DEVICE.type})")
@@ -668,7 +668,7 @@ print(f"{'linear probe':17s} the backbone ran once over the {N_TRAIN} train imag
 # normalised by the largest, next to the LoRA update of the same block (rank 4 exactly) and a random Gaussian
 # matrix of the same size.
 
-# %%
+# %% subslide hide-input
 with torch.no_grad():
     sv = {"full FT": [], "LoRA": []}
     for i in range(DEPTH):
@@ -689,13 +689,13 @@ assert min(full_top4) > 0.5 > 0.2 > rand_top4  # full FT's update is concentrate
 print(f"ΔW_q {tuple(bb_full.blocks[0].attn.qkv.weight[:D].shape)}: the LoRA update has rank <= {R_LORA} in every block; "
       f"full FT puts > 50% of ||ΔW||² in its top {R_LORA} directions, a random matrix < 20%")
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 print(f"share of ||ΔW_q||² in the top {R_LORA} singular values: full FT, blocks 0-5:",
       [round(e, 3) for e in full_top4], f"  random matrix: {rand_top4:.3f}   LoRA: "
       f"{min(energy(s_, R_LORA) for s_ in sv['LoRA']):.3f}")
 
-# %%
+# %% hide-input
 
 fig, ax = plt.subplots(figsize=(7, 3.2), dpi=80)
 for i, s_ in enumerate(sv["full FT"]):
@@ -710,7 +710,7 @@ ax.legend(fontsize=8, loc="lower left")
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # Full fine-tuning was free to change $W_q$ in all 192 directions, yet almost all of its update lies in a handful:
 # the spectrum falls by one to two orders of magnitude within the first ten singular values, where a random
 # matrix's stays flat. That is the low-rank hypothesis LoRA builds on, seen in our own run: a rank-4 update can
@@ -727,7 +727,7 @@ plt.show()
 # `torch.utils.flop_counter`), and the merged weights, exported with the original key names, load **strictly**
 # into a plain `DinoVisionTransformer`.
 
-# %%
+# %% hide-input
 x_check = x_va[:8]
 with torch.no_grad():
     lora_model.eval()
@@ -765,7 +765,7 @@ print(f"FLOPs for 8 images: plain {f_plain / 1e9:.3f} G   LoRA merged {f_merged 
       f"LoRA unmerged {f_unmerged / 1e9:.3f} G (+{f_unmerged / f_plain - 1:.2%})")
 assert f_merged == f_plain < f_unmerged  # merged: no LoRA matmul runs
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 def median_time(fn, n=7):
     ts = []
@@ -787,12 +787,12 @@ with torch.no_grad():
 print(f"forward, 8 images (median of 7): plain {t_plain * 1e3:.1f} ms   merged {t_merged * 1e3:.1f} ms   "
       f"unmerged {t_unmerged * 1e3:.1f} ms")
 
-# %% [markdown]
+# %% [markdown] subslide
 # What travels between runs is only the LoRA tensors (plus the head): `lora_state_dict` returns kilobytes, and
 # `load_lora` puts them into a fresh `apply_lora` model with the same rank (the `alpha` goes in the config, see
 # `lora.lora_config`). One pretrained backbone can then serve many tasks, each a small file.
 
-# %%
+# %% hide-input
 sd_lora = lora.lora_state_dict(bb_lora)
 n_lora_bytes = sum(t.numel() * t.element_size() for t in sd_lora.values())
 n_full_bytes = sum(t.numel() * t.element_size() for t in bb_full.state_dict().values())
@@ -806,10 +806,10 @@ with torch.no_grad():
     torch.testing.assert_close(fresh.forward_features(x_check)["x_norm_patchtokens"], tokens_after, rtol=1e-4, atol=1e-4)
 print("pretrained backbone + loaded LoRA tensors reproduces the fine-tuned model")
 
-# %% [markdown]
+# %% [markdown] skip
 # ## Result
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 result = {
     "task": "foreground segmentation, ShapesWorld shifted, fg IoU on 256 val images",
@@ -822,20 +822,20 @@ result = {
 }
 print("RESULT " + json.dumps(result))
 
-# %% [markdown]
+# %% [markdown] slide
 # ## Summary
 #
 # The shapes through a LoRA-adapted backbone and its head (`dinolab.trace`; the thin LoRA matmuls run inside
 # `qkv`, whose `base` is the frozen fused Linear):
 
-# %%
+# %% hide-input
 lora.unmerge_lora(bb_lora)
 display(trace.trace(lora_model, x_tr[:2], names=["backbone.patch_embed", "backbone.blocks", "backbone.blocks.0.attn.qkv",
                                                  "backbone.blocks.0.attn.qkv.base", "backbone.norm", "head"]))
 qkv0 = bb_lora.blocks[0].attn.qkv
 print({k: tuple(v.shape) for k, v in qkv0.named_parameters()})
 
-# %% [markdown]
+# %% [markdown] notes
 # **What to remember**
 #
 # * LoRA learns $\Delta W = \frac{\alpha}{r} B A$ with $A$ (r × d_in), $B$ (d_out × r), $B = 0$ at start, $W$ frozen:
