@@ -117,6 +117,13 @@ class PretrainConfig:
     # tiled floor, CANONICAL_LOOK) instead of the scene's own. The teacher's targets then depend on the layout only,
     # from the first step, and the student must predict them from a view in random colours.
     teacher_canonical: bool = False
+    # The official recipe keeps the prototypes (both heads' last layers) fixed for the first epoch
+    # (``optim.freeze_last_layer_epochs: 1``); here counted in steps, -1 = fixed for the whole run. Without it the
+    # tiny run collapses to a uniform output: the prototypes learn a common near-null direction (smallest singular
+    # value of the 256 x 64 prototype matrix 0.03, the others 1-3) and the head maps every image into it (99.9 % of
+    # the bottleneck's energy), so every logit is ~0 and every softmax uniform (loss = ln K). Fixed random
+    # prototypes span the bottleneck space: no such direction exists.
+    freeze_last_layer_steps: int = 0
     eval_every: int = 0  # k-NN curves during training (python -m dinolab.pretrain evaluates on the object split)
 
 
@@ -379,10 +386,14 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
                 loss = loss + cfg.gram_weight * l_gram
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            frozen = cfg.freeze_last_layer_steps < 0 or step < cfg.freeze_last_layer_steps
+            if frozen:
+                for head in (student.dino_head, student.ibot_head):
+                    head.last_layer.weight.grad = None  # AdamW skips it: no step, no weight decay
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
             opt.step()
-            if cfg.norm_last_layer:
+            if cfg.norm_last_layer and not frozen:
                 normalize_prototypes(student)
             with torch.no_grad():
                 schedules.update_ema(teacher, student, float(mom_sched[step]))
@@ -444,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=None, help="a JSON object of PretrainConfig fields (flags override it)")
     for name in ("steps", "gram_steps", "batch_size", "seed", "n_local", "global_size", "local_size", "log_every",
                  "image_size", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "warmup_steps",
-                 "teacher_temp_warmup", "min_objects", "max_objects", "appearance_warmup", "eval_every"):
+                 "teacher_temp_warmup", "min_objects", "max_objects", "appearance_warmup", "eval_every",
+                 "freeze_last_layer_steps"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("lr", "gram_weight", "koleo_weight", "ibot_weight", "layerscale_init", "object_scale", "hue",
                  "appearance_p"):

@@ -141,3 +141,25 @@ def test_teacher_canonical_run(tmp_path):
                             "teacher_canonical": True})
     res = train(cfg, log=lambda *_: None)
     assert res["step"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"])
+
+
+def _prototypes_after(tmp_path, freeze: int, stop_after: int):
+    cfg = PretrainConfig(**{**TINY, "gram_steps": 0, "freeze_last_layer_steps": freeze})
+    state = tmp_path / f"f{freeze}_{stop_after}.state.pt"
+    train(cfg, log=lambda *_: None, state_path=state, stop_after=stop_after)
+    sd = torch.load(state, weights_only=False)["student"]
+    return {k: sd[f"{k}.last_layer.weight"] for k in ("dino_head", "ibot_head")}
+
+
+def test_freeze_last_layer_keeps_the_prototypes_fixed_for_the_first_steps(tmp_path):
+    from dinolab.pretrain import Student, normalize_prototypes
+
+    cfg = PretrainConfig(**TINY)
+    torch.manual_seed(cfg.seed)  # train() builds the student the same way
+    init = Student(cfg)
+    normalize_prototypes(init)
+    start = {k: getattr(init, k).last_layer.weight for k in ("dino_head", "ibot_head")}
+    for freeze, stop_after, moved in ((-1, 3, False), (2, 2, False), (2, 3, True), (0, 1, True)):
+        after = _prototypes_after(tmp_path, freeze, stop_after)
+        for k in start:
+            assert torch.equal(after[k], start[k]) is not moved, (freeze, stop_after, k)
