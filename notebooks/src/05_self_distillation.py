@@ -1,4 +1,4 @@
-# %% [markdown]
+# %% [markdown] slide
 # # 05 · Self-distillation: DINO, iBOT, KoLeo and Gram anchoring
 #
 # DINOv3 learns without labels. A **student** network is trained to predict, from one crop of an image, what a
@@ -19,14 +19,14 @@
 #
 # Expected run time: about 60 s on 2 CPU cores (about 25 s of it is the live pretraining).
 
-# %%
+# %% slide hide-input
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
 display(Markdown(viz.series_map("05")))
 
-# %%
+# %% skip
 import copy
 import hashlib
 import json
@@ -55,7 +55,7 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 0. The data: ShapesWorld
 #
 # Every notebook trains on `dinolab.data.ShapesWorld`: procedural scenes (a floor, a far wall, 1–4 shapes of
@@ -63,7 +63,7 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 # image, a semantic mask, a metric depth map and an image label (the class covering most pixels). Pretraining uses
 # **only the images**; masks and labels are used at the end, to *measure* what the features learned.
 
-# %%
+# %% subslide hide-input
 train_ds = ShapesWorld("train")
 sample = train_ds.batch(range(6))
 for k in ("image", "mask", "depth", "label", "boxes"):
@@ -86,7 +86,7 @@ fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=6, fontsize=8, frameon
 plt.tight_layout(rect=(0, 0.05, 1, 1))
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 1. The setup: student, teacher and multi-crop
 #
 # ```
@@ -104,7 +104,7 @@ plt.show()
 # crops (`ssl_default_config.yaml`; the 7B uses 256 / 112). Ours are the defaults of `dinolab.pretrain.PretrainConfig`,
 # printed below, on the 128-px ShapesWorld images.
 
-# %%
+# %% hide-input
 cfg_ship = PretrainConfig()  # the defaults of `python -m dinolab.pretrain`
 print(f"PretrainConfig: 2 global crops of {cfg_ship.global_size} px, {cfg_ship.n_local} local crops of "
       f"{cfg_ship.local_size} px, from {cfg_ship.image_size}-px images")
@@ -116,7 +116,7 @@ for k, v in crops.items():
     print(f"{k:13s} {tuple(v.shape)}")
 print("crop-major layout: rows [c*B, (c+1)*B) hold crop c of every image (B = 2 here)")
 
-# %%
+# %% subslide hide-input
 B_show, n_loc = 2, cfg_ship.n_local
 fig = plt.figure(figsize=(10, 2.9), dpi=70)
 gs = fig.add_gridspec(2, 6, width_ratios=[2, 2, 2, 1, 1, 0.05])
@@ -150,7 +150,7 @@ plt.show()
 # CLS token and an **iBOT head** for patch tokens (separate, as in DINOv3's ViT-7B configs; DINOv2 could share one).
 # The teacher is a deep copy with gradients off. Below: one forward pass on normalised crops, with iBOT masks on the global crops.
 
-# %%
+# %% hide-input
 seed_everything(0)
 student = Student(cfg_ship)
 teacher = copy.deepcopy(student).requires_grad_(False)
@@ -169,13 +169,13 @@ with torch.no_grad():
 for name, out in (("student", s_out), ("teacher", t_out)):
     print(name, {k: tuple(v.shape) for k, v in out.items() if v is not None and v.numel()})
 
-# %% [markdown]
+# %% [markdown] subslide
 # **The EMA teacher** (`update_ema`): after each optimiser step, every teacher weight becomes
 # `m · teacher + (1 − m) · student`, with m following a cosine from 0.992 to 1 (`cosine_schedule`). The teacher is a
 # temporal ensemble of students: slower, smoother and, as in DINO, usually better than the student itself. That is why
 # the checkpoint we ship is the teacher.
 
-# %%
+# %% hide-input
 with torch.no_grad():
     for p in student.parameters():
         p.add_(0.01 * torch.randn_like(p))  # pretend an optimiser step moved the student
@@ -190,7 +190,7 @@ print("teacher == 0.992 * teacher + 0.008 * student for every parameter")
 print("momentum schedule (first, middle, last of 11 steps):",
       [round(float(x), 4) for x in schedules.cosine_schedule(0.992, 1.0, 11)[[0, 5, 10]]])
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 2. The DINO loss, on tiny tensors
 #
 # ### 2.1 The head
@@ -199,7 +199,7 @@ print("momentum schedule (first, middle, last of 11 steps):",
 # (normalised) embedding looks like each prototype. Official sizes: K = 65,536, hidden 2048, bottleneck 256
 # (ViT-7B: 262,144 / 8192 / 512). Here: input 8, hidden 16, bottleneck 4, K = 6, layer by layer.
 
-# %%
+# %% hide-input
 seed_everything(0)
 head = dino_head.DINOHead(in_dim=8, out_dim=6, hidden_dim=16, bottleneck_dim=4)
 x = torch.randn(3, 8)  # 3 CLS tokens of width 8
@@ -215,7 +215,7 @@ print(f"last_layer        {tuple(logits.shape)}   (prototypes: weight {tuple(hea
 torch.testing.assert_close(logits, head(x))
 print("== head(x)")
 
-# %% [markdown]
+# %% [markdown] subslide
 # DINOv3's `last_layer` is a plain Linear (DINO v1/v2 used weight normalisation). Our pretraining keeps the prototype
 # rows on the unit sphere after each step (`PretrainConfig.norm_last_layer`, our deviation for short CPU runs), so the
 # logits are cosines in [−1, 1].
@@ -226,7 +226,7 @@ print("== head(x)")
 # *sharper* than the student's predictions. (Our short CPU runs use an even colder teacher: see
 # `PretrainConfig.teacher_temp`, printed below, and the comment beside it.)
 
-# %%
+# %% hide-input
 l = torch.tensor([0.9, 0.7, 0.2, 0.0, -0.3, -0.8])  # cosine-like logits for K = 6 prototypes
 rows = ["| τ | softmax(l / τ) | entropy (nats) |", "|---|---|---|"]
 for tau, who in [(1.0, ""), (0.1, "student"), (0.07, "teacher, official end"), (0.04, "teacher, official start")]:
@@ -236,13 +236,13 @@ rows.append(f"| uniform | | log K = {math.log(6):.3f} |")
 display(Markdown("\n".join(rows)))
 print("teacher temperature in PretrainConfig (start, end of warm-up):", cfg_ship.teacher_temp)
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 2.3 Cross-entropy between teacher and student
 # For one image and one pair of crops, the loss is `H(p_t, p_s) = −Σ_k p_t[k] · log p_s[k]`, which equals
 # `H(p_t) + KL(p_t ‖ p_s)`. Only the KL part depends on the student; the entropy of the teacher is a floor that the
 # loss can never go below. (So a DINO loss does not go to 0, and its value alone says little.)
 
-# %%
+# %% hide-input
 t_logits, s_logits = 2 * torch.rand(6) - 1, 2 * torch.rand(6) - 1  # cosine-like logits in [-1, 1]
 p_t, log_p_s = F.softmax(t_logits / 0.04, -1), F.log_softmax(s_logits / 0.1, -1)
 ce = -(p_t * log_p_s).sum()
@@ -259,7 +259,7 @@ torch.testing.assert_close(ce, entropy(p_t) + kl)
 # local term and **2 / (2n + 2)** for the global one (official n = 8: 16/18 and 2/18). The weighted sum is then
 # simply the mean over all 2n + 2 pairs. We check `dinolab.losses.DINOLoss` against a plain loop.
 
-# %%
+# %% hide-input
 seed_everything(0)
 B, K, n = 3, 6, 4
 teacher_logits = torch.randn(2, B, K)  # (teacher crops, images, prototypes)
@@ -289,7 +289,7 @@ print(f"L_local {l_local:.4f}  L_global {l_global:.4f}  weighted {total:.4f}  by
 torch.testing.assert_close(total, by_hand)
 print("DINOLoss (local + global, weighted) == the plain mean over the 2n + 2 crop pairs")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 3. Collapse, and what prevents it
 #
 # The teacher is made from the student, so the pair can agree trivially, in two ways:
@@ -312,7 +312,7 @@ print("DINOLoss (local + global, weighted) == the plain mean over the 2n + 2 cro
 # target sums to 1 and each prototype gets about B/K of the batch. Below, a batch of B = 8 where prototype 0 is
 # preferred by every sample.
 
-# %%
+# %% subslide hide-input
 def sinkhorn_by_hand(logits: torch.Tensor, tau: float, n_iter: int = 3) -> torch.Tensor:
     Q = torch.exp(logits / tau).T  # (K, B)
     K_, B_ = Q.shape
@@ -354,7 +354,7 @@ for ax, p, title in [(axes[0], p_soft, "softmax(l / 0.1)"), (axes[1], p_sk, "Sin
 fig.colorbar(im, ax=axes, shrink=0.8)
 plt.show()
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 3.2 A tiny collapse experiment
 # Student: a 2-layer MLP → L2 normalisation → K = 64 unit-norm prototypes (a miniature `DINOHead`); teacher: its EMA
 # (m = 0.9). Data: random 32-d vectors; the two "views" add independent noise. The student on view 1 predicts the
@@ -371,7 +371,7 @@ plt.show()
 # sample's target (≈ 0: confident, log K: uniform), and **H(p̄)**, the entropy of the batch-mean target (how many
 # prototypes are in use: ≈ 0 means one prototype for everything). Healthy training needs H(p) low and H(p̄) high.
 
-# %%
+# %% skip
 def collapse_run(variant: str, steps: int = 300, K: int = 64, d: int = 32, B: int = 64, seed: int = 0,
                  tau_s: float = 0.1, tau_t: float = 0.04, noise: float = 0.5):
     g = torch.Generator().manual_seed(seed)
@@ -419,7 +419,7 @@ runs = {v: collapse_run(v) for v in VARIANTS}
 LOGK = math.log(64)
 final = {v: (hr[-20:].mean().item(), hm[-20:].mean().item()) for v, (hr, hm) in runs.items()}
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 # the exact entropies depend on float rounding; the asserts below check the outcome
 rows = ["| variant | H(p), last 20 steps | H(p̄), last 20 steps | outcome |", "|---|---|---|---|"]
@@ -429,7 +429,7 @@ for v, (hr, hm) in final.items():
     rows.append(f"| {v} | {hr:.2f} | {hm:.2f} | {outcome} |")
 display(Markdown("\n".join(rows) + f"\n\nlog K = {LOGK:.2f}"))
 
-# %%
+# %% subslide hide-input
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.3), dpi=70)
 for v, (hr, hm) in runs.items():
     axes[0].plot(hr, label=v)
@@ -454,7 +454,7 @@ assert final["Sinkhorn-Knopp"][1] > 0.95 * LOGK  # SK uses (almost) every protot
 print("asserted: sharpening alone -> one prototype; centering alone -> uniform; "
       "centering + sharpening and Sinkhorn-Knopp -> confident targets spread over the prototypes")
 
-# %% [markdown]
+# %% [markdown] slide
 # Sinkhorn–Knopp uses the prototypes most evenly because it enforces the balance *within each batch*, not through a
 # slow running mean. The price is that it needs the whole batch (the official code all-reduces the sums across GPUs).
 #
@@ -471,7 +471,7 @@ print("asserted: sharpening alone -> one prototype; centering alone -> uniform; 
 # masked patch cannot simply be copied from its neighbour. `make_masks` (`dinov3/data/collate.py`) masks half of the
 # global crops, with ratios spread evenly over [0.1, 0.5]; the other half get no mask.
 
-# %%
+# %% subslide hide-input
 gen14 = masking.MaskingGenerator((14, 14), max_num_patches=0.5 * 196)  # official 224-px crops: 14 x 14 patches
 print(gen14)
 ratios = [0.1, 0.2, 0.3, 0.4, 0.5]
@@ -499,7 +499,7 @@ plt.show()
 # Only the student's input is masked; the teacher sees the whole crop. Inside the backbone
 # (`prepare_tokens_with_masks`), a masked patch embedding is swapped for `mask_token` *before* the blocks.
 
-# %%
+# %% hide-input
 x_g = crops_n["global_crops"]  # (2B, 3, 96, 96)
 bb = student.backbone
 with torch.no_grad():
@@ -511,14 +511,14 @@ assert torch.equal(patch_tok[masks], bb.mask_token.expand(int(masks.sum()), -1))
 assert torch.equal(tok_masked[:, 1 + bb.n_storage_tokens:][~masks], tok_clean[:, 1 + bb.n_storage_tokens:][~masks])
 print(f"{int(masks.sum())} masked positions hold mask_token; the {int((~masks).sum())} others are unchanged")
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 4.3 The loss on masked patches only
 # For each masked patch i of image b: `ℓ_i = −Σ_k p_t[i, k] · log softmax(s[i] / 0.1)[k]`. The official weighting
 # (`masks_weight` in `collate.py`, `iBOTPatchLoss.forward_masked`): **mean over the masked patches of each image, then
 # the sum over images divided by the number of images**, counting the unmasked images too (they add 0). So an image
 # with 3 masked patches weighs as much as one with 18.
 
-# %%
+# %% hide-input
 seed_everything(0)
 Bi, Ni, Ki = 4, 9, 5
 mk = torch.zeros(Bi, Ni, dtype=torch.bool)
@@ -549,7 +549,7 @@ print("per-patch weights (ibot_mask_weights):", [round(w, 3) for w in losses.ibo
 torch.testing.assert_close(l_masked, by_hand)
 torch.testing.assert_close(l_dense, by_hand)
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 5. KoLeo: spread the features out
 #
 # The Kozachenko–Leonenko estimator of differential entropy is, up to constants, the mean log distance of each point to
@@ -558,7 +558,7 @@ torch.testing.assert_close(l_dense, by_hand)
 # L2-normalised vectors, applied to the student's pre-head CLS tokens of each global crop within the batch, with weight
 # 0.1 × 2 crops. It works against the clumping of images into a few directions, which helps nearest-neighbour retrieval.
 
-# %%
+# %% hide-input
 seed_everything(0)
 xk = torch.randn(16, 8)
 xn = F.normalize(xk, dim=-1)
@@ -570,11 +570,11 @@ koleo = losses.KoLeoLoss()
 print(f"KoLeo by hand {koleo_by_hand:.4f}   losses.KoLeoLoss {koleo(xk):.4f}")
 torch.testing.assert_close(koleo(xk), koleo_by_hand, atol=1e-6, rtol=1e-5)  # the official adds eps = 1e-8
 
-# %% [markdown]
+# %% [markdown] subslide
 # **A 2-D toy.** 24 points on the unit circle, bunched around one direction; 300 Adam steps on the KoLeo loss alone
 # move them apart. For n evenly spaced points every nearest-neighbour distance is 2·sin(π/n).
 
-# %%
+# %% hide-input
 seed_everything(0)
 n_pts = 24
 angles = 0.6 * torch.randn(n_pts)
@@ -615,7 +615,7 @@ for ax, u, d, title in [(axes[0], before, d_before, "before"), (axes[1], after, 
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 6. Gram anchoring
 #
 # **Why.** The DINOv3 report (arXiv 2508.10104) introduces Gram anchoring to address "the known yet unsolved issue of
@@ -633,7 +633,7 @@ plt.show()
 # photometric distortions, its patch features are resized (bicubic) to the student's grid, and it is refreshed from the
 # EMA teacher every 10k iterations (at most 3 times) (`dinov3_vit7b16_gram_anchor.yaml`).
 
-# %%
+# %% subslide hide-input
 seed_everything(0)
 Ng, Dg = 36, 192
 feats_g = torch.randn(2, Ng, Dg)  # (images, patches, D): say, one image's patch tokens
@@ -664,7 +664,7 @@ print("asserted: zero for identical, rotated and rescaled features; > 0 when the
 # source image at twice the size without colour distortions, through the frozen Gram teacher, then a bicubic resize of
 # the patch-feature map down to the student's grid. The shapes, for our 96-px global crops:
 
-# %%
+# %% hide-input
 gram_teacher = copy.deepcopy(teacher.backbone).eval()
 G = cfg_ship.global_size
 with torch.no_grad():
@@ -679,7 +679,7 @@ print(f"as a map               {tuple(fmap.shape)}")
 print(f"bicubic to the student {tuple(target.shape)}   == student patches {tuple(s_out['patches'].shape)}")
 print(f"GramLoss(student patches, target) = {gram(s_out['patches'], target).item():.3f}  (random weights)")
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 7. Live pretraining
 #
 # `dinolab.pretrain.train` puts everything together: multi-crop → student and EMA teacher → DINO (local and global
@@ -688,7 +688,7 @@ print(f"GramLoss(student patches, target) = {gram(s_out['patches'], target).item
 # The live run is far too short to learn good features (that is what the shipped checkpoint of section 8 is for); it
 # shows the machinery running and the losses moving. It runs on the CPU; under `torchrun` the same function runs DDP.
 
-# %%
+# %% hide-input
 cfg_live = PretrainConfig(steps=40, gram_steps=10, batch_size=16, global_size=64, local_size=32,
                           warmup_steps=5, teacher_temp_warmup=15, log_every=5)
 official_7b = {"crops": "2 × 256 + 8 × 112 px", "prototypes K (DINO / iBOT)": "262,144 / 98,304",
@@ -701,14 +701,14 @@ ours = {"crops": f"2 × {cfg_live.global_size} + {cfg_live.n_local} × {cfg_live
 display(Markdown("| | ViT-7B (`dinov3_vit7b16_pretrain.yaml`, `_gram_anchor.yaml`) | live run |\n|---|---|---|\n"
                  + "\n".join(f"| {k} | {official_7b[k]} | {ours[k]} |" for k in ours)))
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 # losses and timings vary from machine to machine: the asserts in the next cell check what matters
 live = train(cfg_live, log=print)
 hist = live["history"]
 print(f"{len(hist)} steps in {live['seconds']:.1f} s")
 
-# %%
+# %% subslide hide-input
 # NBVAL_IGNORE_OUTPUT
 keys = ["loss", "dino", "ibot", "koleo", "gram"]
 fig, axes = plt.subplots(1, 5, figsize=(10, 2.4), dpi=70)
@@ -722,7 +722,7 @@ axes[0].text(cfg_live.steps, axes[0].get_ylim()[1], " Gram\n phase", fontsize=7,
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% hide-input
 L = cfg_live.steps
 phase1 = [h["loss"] - cfg_live.gram_weight * h["gram"] for h in hist]
 start, end = sum(phase1[:4]) / 4, sum(phase1[L - 4:L]) / 4
@@ -734,14 +734,14 @@ print("asserted: losses finite; the phase-1 loss falls (mean of the last 4 steps
 print("          Gram loss 0 in phase 1 and > 0 in the Gram phase; teacher temperature warmed up",
       " -> ".join(map(str, cfg_live.teacher_temp)))
 
-# %% [markdown]
+# %% [markdown] slide
 # ## 8. The shipped checkpoint
 #
 # `data/dinov3_tiny_shapesworld.pth` is the **teacher backbone** of a longer run of the same function
 # (`python -m dinolab.pretrain`), saved in fp16 with a JSON sidecar (recipe, loss history, sha256). We check the file
 # against its recorded sha256 and print the recipe.
 
-# %%
+# %% hide-input
 DATA = Path("..") / "data"
 CKPT = DATA / "dinov3_tiny_shapesworld.pth"
 CKPT_PHASE1 = DATA / "dinov3_tiny_shapesworld_phase1.pth"  # optional: the same run's teacher before the Gram phase
@@ -761,7 +761,7 @@ recipe = {"arch": rc["arch"], "steps (phase 1)": rc["steps"], "Gram steps": rc["
 display(Markdown("| recipe | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in recipe.items())))
 print(f"{CKPT.name}: sha256 matches the sidecar")
 
-# %%
+# %% subslide hide-input
 h_ship = meta["history"]
 fig, axes = plt.subplots(1, 5, figsize=(10, 2.4), dpi=70)
 for ax, k in zip(axes, keys):
@@ -779,7 +779,7 @@ plt.show()
 # **The baseline** is the same network at **its own starting point**: the weights the run started from (same
 # configuration and seed, before any step). So the comparison measures what pretraining added.
 
-# %%
+# %% hide-input
 cfg_run = PretrainConfig(**{f.name: (tuple(rc[f.name]) if isinstance(rc.get(f.name), list) else rc[f.name])
                             for f in fields(PretrainConfig) if f.name in rc})
 pretrained = hub.build(rc["arch"], weights=CKPT)  # strict load; fp16 values are copied into fp32 parameters
@@ -792,14 +792,14 @@ if CKPT_PHASE1.exists():  # the teacher at the end of phase 1, before the Gram p
               "random init": models["random init"]}
 print("models:", list(models))
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 8.1 k-NN classification on frozen CLS features
 # DINO's standard probe: no training at all. Each validation image takes the labels of its k = 20 most cosine-similar
 # training images, each vote weighted by `exp(sim / 0.07)` (`dinolab.linear.knn_predict`). We embed 1024 training and
 # 512 validation ShapesWorld images (128 px, the full image) drawn like the pretraining data (same number of objects per
 # scene; the validation scenes were never seen) and keep the normalised CLS token and the patch tokens.
 
-# %%
+# %% skip
 N_TRAIN, N_VAL = 1024, 512
 eval_kw = dict(size=rc["image_size"], n_objects=(1, rc.get("max_objects", 4)), object_scale=rc.get("object_scale", 1.0))
 tr_data, va_data = ShapesWorld("train", **eval_kw).batch(range(N_TRAIN)), ShapesWorld("val", **eval_kw).batch(range(N_VAL))
@@ -822,7 +822,7 @@ feats = {name: (embed(m, tr_data["image"]), embed(m, va_data["image"])) for name
 print(f"train: CLS {tuple(cls_tr.shape)}, patches {tuple(p_tr.shape)};  val: CLS {tuple(cls_va.shape)}")
 print("val label counts:", {CLASS_NAMES[c]: int((va_data["label"] == c).sum()) for c in range(len(CLASS_NAMES))})
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 # (accuracies over 512 images move in steps of 0.002: one flipped vote changes the 3rd decimal on another CPU)
 knn = {name: knn_accuracy(f_tr[0], tr_data["label"], f_va[0], va_data["label"], k=20, T=0.07)
@@ -832,7 +832,7 @@ display(Markdown("| features | k-NN accuracy (k = 20) |\n|---|---|\n"
                  + "\n".join(f"| {name} | {acc:.3f} |" for name, acc in knn.items())
                  + f"\n| (majority class) | {majority:.3f} |"))
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 8.2 PCA maps of patch features
 # Project each patch token on the first 3 principal components (fitted on the patches of these 4 images together)
 # and show them as RGB (`viz.pca_rgb`). With good dense features, patches of the same kind of surface get the same
@@ -841,7 +841,7 @@ display(Markdown("| features | k-NN accuracy (k = 20) |\n|---|---|\n"
 # untrained ViT separates wall, floor and objects here, because its patch embedding sees colour and texture. A PCA map
 # alone does not prove that anything was learned; the numbers of sections 8.1 and 8.3 do.
 
-# %%
+# %% hide-input
 show_ids = [0, 1, 2, 3]
 hi = ShapesWorld("val", **{**eval_kw, "size": 192}).batch(show_ids)
 cols = ["image", "mask"] + [f"PCA, {name}" for name in models]
@@ -865,7 +865,7 @@ for ax in axes.flat:
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 8.3 A linear patch probe
 # How much of the semantic mask can a *linear* map read off each frozen patch token? Each patch (16 × 16 pixels) is
 # labelled with the most frequent class of its pixels (the mask downsampled by 16: an 8 × 8 label map per 128-px image).
@@ -875,7 +875,7 @@ plt.show()
 # 1/√frequency (our choice; without it the probe predicts "background" everywhere). The official linear segmentation
 # eval (`dinov3/eval/segmentation`) is the same idea with BatchNorm and pixel-level upsampling.
 
-# %%
+# %% skip
 def patch_labels(mask: torch.Tensor, patch: int = 16) -> torch.Tensor:
     """(B, H, W) class map -> (B, h*w): the most frequent class inside each patch."""
     Bm, H, W = mask.shape
@@ -912,7 +912,7 @@ def patch_probe(f_tr, y_tr, f_va, y_va, n_classes: int = len(CLASS_NAMES), steps
     return miou(pred, y_va, n_classes), iou(pred > 0, y_va > 0)
 
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 N_PROBE = 512
 y_tr, y_va = patch_labels(tr_data["mask"][:N_PROBE]).flatten(), patch_labels(va_data["mask"]).flatten()
@@ -924,7 +924,7 @@ probe = {name: v[0] for name, v in probe_all.items()}
 display(Markdown("| patch features | linear probe mIoU (6 classes) | foreground IoU |\n|---|---|---|\n"
                  + "\n".join(f"| {name} | {m:.3f} | {fg:.3f} |" for name, (m, fg) in probe_all.items())))
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 8.4 What did the Gram phase do?
 # If the pretraining run also saved its teacher at the end of phase 1 (`data/dinov3_tiny_shapesworld_phase1.pth`),
 # the tables above include it, and we compare it with the final teacher here. Patch-feature locality is measured by the
@@ -932,7 +932,7 @@ display(Markdown("| patch features | linear probe mIoU (6 classes) | foreground 
 # rows of the Gram matrix: the cosine similarity of one patch (on the image's main object) to every patch of its image.
 # Sharp dense features light up that object and little else.
 
-# %%
+# %% hide-input
 Gh = hi["mask"].shape[-1] // 16
 blocks = hi["mask"].view(len(show_ids), Gh, 16, Gh, 16).permute(0, 1, 3, 2, 4).reshape(len(show_ids), Gh * Gh, 256)
 anchor = (blocks == hi["label"][:, None, None]).float().mean(-1).argmax(1)  # the patch most covered by the label class
@@ -957,7 +957,7 @@ for a in axes.flat:
 fig.colorbar(im, ax=axes, shrink=0.7)
 plt.show()
 
-# %%
+# %% skip
 def same_class_margin(patches: torch.Tensor, labels: torch.Tensor, n_img: int = 128) -> float:
     """Mean cosine similarity of patch pairs of the same class minus that of different classes, within images."""
     x = F.normalize(patches[:n_img], dim=-1)
@@ -968,7 +968,7 @@ def same_class_margin(patches: torch.Tensor, labels: torch.Tensor, n_img: int = 
     return (s[same & off].mean() - s[~same].mean()).item()
 
 
-# %%
+# %% subslide hide-input
 # NBVAL_IGNORE_OUTPUT
 margins = {name: same_class_margin(f_va[1], y_va) for name, (_, f_va) in feats.items()}
 if "phase 1 (no Gram)" in models:
@@ -979,7 +979,7 @@ else:
     print(f"no phase-1 checkpoint ({CKPT_PHASE1.name}): Gram-phase comparison skipped")
     print("same-class similarity margin:", {n: round(v, 3) for n, v in margins.items()})
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 8.5 What the CLS token encodes instead
 # If the CLS token does not know the shape, what does it know? ShapesWorld draws every scene's look independently of its
 # shapes: the floor's hue and pattern, the wall's pattern, the number of objects
@@ -987,7 +987,7 @@ else:
 # be asked to predict each of those factors instead of the label. The floor hue is cut into 6 equal bins of the colour
 # wheel.
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 def scene_targets(split: str, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """The image label and the scene's nuisance factors for samples 0 .. len(labels) - 1 of a split."""
@@ -1005,7 +1005,7 @@ rows = [header, "|---" * (len(models) + 2) + "|"]
 rows += [f"| {k} | " + " | ".join(f"{att_knn[n][k]:.3f}" for n in models) + f" | {att_major[k]:.3f} |" for k in att_tr]
 display(Markdown("\n".join(rows)))
 
-# %% [markdown]
+# %% [markdown] subslide
 # And what did pretraining change? DINO's targets ask one thing of the CLS token: the two global crops of an image
 # should land on the same prototypes, and different images on different ones. So measure exactly that. Take 256
 # validation images and two global crops of each, embed both crops and, for every crop 2, look for the nearest crop 1
@@ -1013,7 +1013,7 @@ display(Markdown("\n".join(rows)))
 # DINO augmentation the run trained with (colour jitter, grey, blur, solarise) and with the geometry alone (crop and
 # flip). We also give the margin: the mean cosine of same-image pairs minus that of different-image pairs.
 
-# %%
+# %% hide-input
 # NBVAL_IGNORE_OUTPUT
 N_VIEWS = 256
 view_imgs = va_data["image"][:N_VIEWS]
@@ -1037,7 +1037,7 @@ rows = ["| CLS features | " + " | ".join(f"view retrieval, {a} | margin, {a}" fo
 rows += [f"| {n} | " + " | ".join(f"{views[n, a][0]:.3f} | {views[n, a][1]:.3f}" for a in augs) + " |" for n in models]
 display(Markdown("\n".join(rows) + f"\n\n(chance for view retrieval: 1/{N_VIEWS} = {1 / N_VIEWS:.3f})"))
 
-# %% [markdown]
+# %% [markdown] notes
 # Read the two tables together:
 #
 # * **The CLS token is a colour detector.** Even at random initialisation, the k-NN reads the floor's hue bin far
@@ -1069,7 +1069,7 @@ display(Markdown("\n".join(rows) + f"\n\n(chance for view retrieval: 1/{N_VIEWS}
 # slowest for a ViT. On single objects at 3× size, a small CNN trained on the label reached 0.50 after 300 steps and
 # 0.87 after 1,500. This tiny ViT, trained end to end on the same labels, reached 0.42 after 1,500 steps.
 
-# %% [markdown]
+# %% [markdown] subslide
 # ### 8.6 The protocol DINOv3 reports, on single objects
 #
 # ImageNet, where DINOv3 reports its k-NN and linear-probe numbers, is **object-centric**: one main object per
@@ -1088,7 +1088,7 @@ display(Markdown("\n".join(rows) + f"\n\n(chance for view retrieval: 1/{N_VIEWS}
 # `data/dinov3_tiny_supervised.pth` exists, the **supervised control** (`python -m dinolab.supervised`: the same ViT
 # trained *with* the labels: masks and image labels), which is the ceiling for these features at this budget.
 
-# %%
+# %% subslide hide-input
 # NBVAL_IGNORE_OUTPUT
 # (accuracies over 1,024 images move in steps of 0.001; one flipped vote changes the last digit on another CPU)
 SUPERVISED = DATA / "dinov3_tiny_supervised.pth"
@@ -1126,7 +1126,7 @@ display(Markdown("| backbone | " + " | ".join(cols) + " |\n|---|" + "---|" * len
 # doubles over random init), and the foreground IoU of the linear patch probe rises. The cell below asserts what holds,
 # and prints the numbers that fall short of the goal.
 
-# %%
+# %% skip
 # NBVAL_IGNORE_OUTPUT
 ssl_p, rnd_p = protocol["self-supervised"], protocol["random init"]
 result = {"knn_acc": round(ssl_p["k-NN k=20"], 3), "knn_acc_random": round(rnd_p["k-NN k=20"], 3),
@@ -1149,19 +1149,19 @@ for t, ok in targets.items():
 assert result["same_class_margin"] >= result["same_class_margin_random"] + 0.05, result
 assert result["knn_acc"] > 0.0 and 0.0 < result["patch_miou"] <= 1.0, result
 
-# %% [markdown]
+# %% [markdown] skip
 # ## 9. Summary
 #
 # The shape table of one student forward pass in the shipped configuration (2 images: 4 global crops of 96 px with
 # iBOT masks, 8 local crops of 48 px), from `dinolab.trace`. The backbone is called through `forward_features`, so its
 # submodules appear at depth 2:
 
-# %%
+# %% skip
 seed_everything(0)
 flow = trace.trace(Student(cfg_ship), crops_n["global_crops"], crops_n["local_crops"], masks, max_depth=2)
 display(flow)
 
-# %% [markdown]
+# %% [markdown] notes
 # **What to remember**
 #
 # * **Self-distillation**: a student predicts an EMA teacher's distribution over K prototypes, from a *different* crop.
