@@ -401,14 +401,17 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
                 t_ent = -(t_cls_probs * t_cls_probs.clamp_min(1e-12).log()).sum(-1).mean()
                 s_logp = F.log_softmax(s_global / dino_loss.student_temp, dim=-1)
                 s_ent = -(s_logp.exp() * s_logp).sum(-1).mean()
+                w = student.dino_head.last_layer.weight.float()  # a prototype direction near 0 allows the collapse
+                sv_min = torch.linalg.svdvals(w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))[-1]
             rec = {"step": step, "loss": loss.item(), "dino": l_dino.item(), "ibot": float(l_ibot.detach()),
-                   "teacher_entropy": t_ent.item(), "student_entropy": s_ent.item(),
+                   "teacher_entropy": t_ent.item(), "student_entropy": s_ent.item(), "prototype_sv_min": sv_min.item(),
                    "koleo": l_koleo.item(), "gram": l_gram.item(), "lr": float(lr_sched[step]), "teacher_temp": temp,
                    "seconds": seconds_before + time.time() - t0}
             history.append(rec)
             if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):
                 log(f"step {step:5d}/{total}  loss {rec['loss']:.3f}  dino {rec['dino']:.3f}  ibot {rec['ibot']:.3f}  "
                     f"koleo {rec['koleo']:.3f}  gram {rec['gram']:.4f}  H(t) {t_ent:.2f}  H(s) {s_ent:.2f}  "
+                    f"sv_min {sv_min:.3f}  "
                     f"(ln K {math.log(cfg.head_out_dim):.2f})  ({rec['seconds']:.0f} s)")
             done = step + 1
             if cfg.eval_every and (done % cfg.eval_every == 0) and done < total:
