@@ -5,7 +5,7 @@ executed top to bottom with nbclient in this environment, as CI runs them.
     python tools/build_notebooks.py 02 04      # those whose name starts with 02 or 04
     python tools/build_notebooks.py --check    # fail if a notebook's source differs from its .py
     python tools/build_notebooks.py --slides [02 04]   # reveal.js decks of the STORED notebooks -> slides/
-    python tools/build_notebooks.py --restamp 14     # slide metadata only: sources -> stored notebooks
+    python tools/build_notebooks.py --restamp 14     # markdown + slide metadata: sources -> stored notebooks
 
 Source format: cells are separated by lines ``# %%`` (code) and ``# %% [markdown]`` (markdown, every
 line prefixed by ``# ``). Stored outputs must only ever come from this script: fresh kernel,
@@ -158,9 +158,13 @@ def check() -> int:
 
 
 def restamp(prefixes: list[str]) -> int:
-    """Copy the slide metadata of the sources onto the stored notebooks without executing anything. Refused
-    for a notebook whose cells (kind and source) differ from its source: its outputs would not be the
-    source's; run the full build then. Outputs and every other field stay as the last execution wrote them."""
+    """Markdown and slide metadata from the sources onto the stored notebooks, without executing anything.
+
+    The stored notebook is rebuilt from its source's cells; each code cell takes the outputs and execution
+    count of the stored code cell it matches. Refused for a notebook whose code cells (their sources, in
+    order) differ from the stored ones: its outputs would not be the source's; run the full build then.
+    Markdown cells have no outputs, so editing, adding or removing them needs no re-execution.
+    """
     import nbformat
 
     bad = 0
@@ -168,19 +172,20 @@ def restamp(prefixes: list[str]) -> int:
         if prefixes and not any(src.name.startswith(a) for a in prefixes):
             continue
         out = OUT / (src.stem + ".ipynb")
-        want = parse(src.read_text(), src.name).cells
-        nb = nbformat.read(out, as_version=4)
-        if [(c.cell_type, c.source) for c in want] != [(c.cell_type, c.source) for c in nb.cells]:
-            print(f"{out.name}: cells differ from {src.relative_to(ROOT)}; not restamped (run the full build)")
+        new = parse(src.read_text(), src.name)
+        stored = nbformat.read(out, as_version=4)
+        new_code = [c for c in new.cells if c.cell_type == "code"]
+        old_code = [c for c in stored.cells if c.cell_type == "code"]
+        if [c.source for c in new_code] != [c.source for c in old_code]:
+            print(f"{out.name}: code cells differ from {src.relative_to(ROOT)}; not restamped (run the full build)")
             bad += 1
             continue
-        for w, c in zip(want, nb.cells):
-            for key in ("slideshow", "tags", "jupyter"):
-                c.metadata.pop(key, None)
-                if key in w.metadata:
-                    c.metadata[key] = w.metadata[key]
-        nbformat.write(nb, out)
-        print(f"{out.name}: slide metadata restamped")
+        for n, o in zip(new_code, old_code):
+            n.outputs, n.execution_count = o.outputs, o.execution_count
+        new.metadata = stored.metadata
+        normalise_ids(new)
+        nbformat.write(new, out)
+        print(f"{out.name}: markdown and slide metadata restamped")
     return 1 if bad else 0
 
 
