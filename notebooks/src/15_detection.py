@@ -123,22 +123,26 @@ axes[1].legend()
 plt.tight_layout()
 plt.show()
 
-# %% [markdown] notes
+# %% [markdown] slide
 # ## 2. DINOv3's detector: Plain-DETR on a frozen ViT
 #
-# What the official hub detector `dinov3_vit7b16_de` (`dinov3/hub/detectors.py`) sets, read from the code:
+# What the official hub detector `dinov3_vit7b16_de` sets, read from the code¹:
 #
 # | choice | value |
 # |---|---|
-# | backbone features | frozen ViT-7B, blocks `[9, 19, 29, 39]` (`m · depth / 4 − 1`), normed, **concatenated** (4 × 4096 channels) |
-# | windows | image split into **3 × 3 windows** run separately and stitched, plus the whole image resized to one window and upsampled; both stacked → 2 × 16,384 channels at stride 16 |
+# | backbone features | frozen ViT-7B, blocks `[9, 19, 29, 39]`², normed, **concatenated** (4 × 4096 channels) |
+# | windows | **3 × 3 windows** run separately and stitched, + the whole image as one window: 2 × 16,384 channels, stride 16 |
 # | head width | `input_proj` 1×1 conv + GroupNorm(32) → **768**; sine positions; one feature level |
-# | encoder | a 6-layer transformer encoder on the stride-16 tokens (Plain-DETR's addition) |
-# | queries | two-stage proposals (from 4 levels made from the stride-16 map), mixed query selection, box refinement, look-forward-twice, box re-parameterisation |
+# | encoder | 6 transformer layers on the stride-16 tokens (Plain-DETR's addition) |
+# | queries | two-stage proposals³, mixed query selection, box refinement, look-forward-twice, box re-parametrisation |
 # | **hybrid matching** | **1500 one-to-one + 1500 one-to-many queries, k = 6**, loss weight 1 |
-# | decoder | 6 pre-norm layers, 8 heads, FFN 2048, global cross-attention with a decomposed box relative-position bias |
-# | output | 91 COCO classes, sigmoid (focal-loss) classification, top 1500 at post-processing |
+# | decoder | 6 pre-norm layers, 8 heads, FFN 2048, global cross-attention + box relative-position bias |
+# | output | 91 COCO classes, sigmoid (focal-loss) classification, top 1500 kept |
 #
+# ¹ `dinov3/hub/detectors.py`. ² `m · depth / 4 − 1` for m = 1…4. ³ Proposals from 4 levels made from the stride-16
+# map.
+
+# %% [markdown] notes
 # We keep the parts a reader needs in `dinolab.detection.TinyDETR`: frozen concatenated layers, windows, input
 # projection, sine positions, a pre-norm decoder, class and box heads on every layer, hybrid matching, and a simple
 # form of the two-stage idea — `two_stage=True`: every feature token is a query and proposes a box around its own
@@ -460,19 +464,8 @@ print("RESULT " + json.dumps({"ap50": round(r["ap50"], 4), "ap": round(r["ap"], 
                               "ap50_class_agnostic": round(agnostic[MAIN]["ap50"], 4), "steps": STEPS,
                               "train_images": N_TRAIN}))
 
-# %% [markdown] skip
-# ## 6. Summary
-#
-# The shape table of the trained hybrid detector on one scene (training mode, so both query groups run):
-
-# %% skip
-print(short(trace(detectors[MAIN].train(), feats["supervised"][1][:1].to(DEVICE),
-                  names=["input_proj", "self_attn_layers", "cross_attn_layers", "ffn_layers", "norm", "class_embed",
-                         "bbox_embed"])))
-_ = detectors[MAIN].eval()
-
-# %% [markdown] notes
-# ### What to remember
+# %% [markdown] slide
+# ## 6. Summary: what to remember
 #
 # * **Set prediction**: Q queries each predict (class or "no object", box); Hungarian matching with cost
 #   `1·class + 5·L1 + 2·(−GIoU)` decides which query answers which object; loss = CE (no-object weight 0.1) + 5·L1 +
@@ -487,7 +480,17 @@ _ = detectors[MAIN].eval()
 #   queries tied to places (two-stage proposals, reference boxes) learn far faster than free learned queries.
 # * **COCO AP**: per class, detections sorted by score, greedy matching at IoU ≥ t, monotone precision at 101 recall
 #   points; AP@[.5:.95] averages 10 thresholds.
-#
+
+# %% [markdown] skip
+# The shape table of the trained hybrid detector on one scene (training mode, so both query groups run):
+
+# %% skip
+print(short(trace(detectors[MAIN].train(), feats["supervised"][1][:1].to(DEVICE),
+                  names=["input_proj", "self_attn_layers", "cross_attn_layers", "ffn_layers", "norm", "class_embed",
+                         "bbox_embed"])))
+_ = detectors[MAIN].eval()
+
+# %% [markdown] skip
 # ### Exercises
 #
 # 1. Train DETR's learned queries instead of token queries: `TinyDETR(..., num_queries_one2one=10, two_stage=False)`.
