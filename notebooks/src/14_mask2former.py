@@ -564,14 +564,14 @@ assert r_m2f["pq"]["pq"] > 0.08 and r_m2f["pq_agnostic"]["pq"] > 0.35, (r_m2f["p
 assert r_eomt["pq_agnostic"]["pq"] > 0.3 and r_m2f["pq_agnostic"]["pq"] > r_m2f["pq"]["pq"] + 0.2
 print("every model is above its floor")
 
-# %% [markdown] notes
+# %% [markdown] slide
 # ### Look at the predictions
 #
 # Validation scenes; class colours over a grey image. The last column is Mask2Former's **panoptic** output with the
 # five shapes merged into one "object" class (see below why): each segment its own colour, so objects stay apart
 # where the semantic map would merge them.
 
-# %% slide hide-input
+# %% subslide hide-input
 def overlay(ax, img, mask, title=""):
     ax.imshow(viz.to_numpy_image(img).mean(-1), cmap="gray", vmin=0, vmax=1)
     colours = torch.cat([data.MASK_COLORS[mask], (mask > 0).float()[..., None] * 0.75], -1)
@@ -662,9 +662,25 @@ print("RESULT " + json.dumps({"miou_m2f": round(r_m2f["miou"], 4), "miou_fpn": r
                               "pq_agnostic_eomt": round(r_eomt["pq_agnostic"]["pq"], 4), "steps": STEPS,
                               "train_images": N_TRAIN}))
 
-# %% [markdown] skip
-# ## 6. Summary
+# %% [markdown] slide
+# ## 6. Summary: what to remember
 #
+# * **Mask2Former's query decoder**: Q learned queries (content `query_feat` + position `query_embed`); per layer
+#   masked cross-attention to one pixel-decoder level (round robin 1/32 → 1/16 → 1/8), self-attention among the
+#   queries, FFN, post-norm; shared heads after every layer give class logits [B, Q, K+1] and masks
+#   [B, Q, H/4, W/4] = mask embedding · `mask_features`. DINOv3: width 2048, 100 queries, 16 heads, 9 layers, 151
+#   logits for ADE20k.
+# * **Masked attention**: a query sees only where its previous mask has sigmoid ≥ 0.5 (everything if nowhere).
+# * **Training a set**: Hungarian matching per image and per prediction layer (cost 2·class + 5·BCE + 5·dice), then
+#   CE with "no object" weighted 0.1, BCE and dice on matched masks, for the final and every intermediate prediction.
+# * **Semantic inference**: `einsum("bqc,bqhw->bchw", softmax(class)[..., :-1], sigmoid(mask))`, argmax over classes.
+# * **EoMT**: queries join the ViT's tokens for its last blocks; no adapter, no pixel decoder, no decoder; masked
+#   attention only while training, annealed away.
+# * Ours, for a CPU: 128-px scenes, a pyramid stand-in instead of the adapter, width 64, 10 queries, 3 layers,
+#   every mask pixel instead of 12,544 sampled points, 150 steps. Structure and parameter names are the official
+#   ones: an official `Mask2FormerHead` state dict loads with `strict=True` (tests/test_mask2former.py).
+
+# %% [markdown] skip
 # The shape table of the trained tiny Mask2Former on one 128 × 128 scene:
 
 # %% skip
@@ -695,24 +711,7 @@ print(short(trace(EoMTDecode(models["EoMT"].eval()), prefix_val[:1].to(DEVICE),
                   names=[*(f"eomt.backbone.blocks.{i}.{m}" for i in (4, 5) for m in ("attn.qkv", "attn.proj", "mlp")),
                          "eomt.backbone.norm", "eomt.class_head", "eomt.mask_head", "eomt.upscale"])))
 
-# %% [markdown] notes
-# ### What to remember
-#
-# * **Mask2Former's query decoder**: Q learned queries (content `query_feat` + position `query_embed`); per layer
-#   masked cross-attention to one pixel-decoder level (round robin 1/32 → 1/16 → 1/8), self-attention among the
-#   queries, FFN, post-norm; shared heads after every layer give class logits [B, Q, K+1] and masks
-#   [B, Q, H/4, W/4] = mask embedding · `mask_features`. DINOv3: width 2048, 100 queries, 16 heads, 9 layers, 151
-#   logits for ADE20k.
-# * **Masked attention**: a query sees only where its previous mask has sigmoid ≥ 0.5 (everything if nowhere).
-# * **Training a set**: Hungarian matching per image and per prediction layer (cost 2·class + 5·BCE + 5·dice), then
-#   CE with "no object" weighted 0.1, BCE and dice on matched masks, for the final and every intermediate prediction.
-# * **Semantic inference**: `einsum("bqc,bqhw->bchw", softmax(class)[..., :-1], sigmoid(mask))`, argmax over classes.
-# * **EoMT**: queries join the ViT's tokens for its last blocks; no adapter, no pixel decoder, no decoder; masked
-#   attention only while training, annealed away.
-# * Ours, for a CPU: 128-px scenes, a pyramid stand-in instead of the adapter, width 64, 10 queries, 3 layers,
-#   every mask pixel instead of 12,544 sampled points, 150 steps. Structure and parameter names are the official
-#   ones: an official `Mask2FormerHead` state dict loads with `strict=True` (tests/test_mask2former.py).
-#
+# %% [markdown] skip
 # ### Exercises
 #
 # 1. Turn masked attention off (let every query see every pixel: replace the attention mask by all-False in
