@@ -124,6 +124,11 @@ class PretrainConfig:
     # the bottleneck's energy), so every logit is ~0 and every softmax uniform (loss = ln K). Fixed random
     # prototypes span the bottleneck space: no such direction exists.
     freeze_last_layer_steps: int = 0
+    # How the teacher's logits become targets: "sinkhorn_knopp" (DINOv2/v3: balanced within the batch, which at a
+    # batch of 32 spreads 64 crops over 256 prototypes) or "centering" (DINO v1: softmax((t - c) / tau), c an EMA of
+    # the batch-mean logits with momentum center_momentum; each target depends on its own crop only).
+    centering: str = "sinkhorn_knopp"
+    center_momentum: float = 0.9
     eval_every: int = 0  # k-NN curves during training (python -m dinolab.pretrain evaluates on the object split)
 
 
@@ -183,6 +188,16 @@ def _sinkhorn_global(logits: Tensor, temp: float) -> Tensor:
     parts = [torch.empty_like(logits) for _ in range(world)]
     dist.all_gather(parts, logits.contiguous())
     return losses.sinkhorn_knopp(torch.cat(parts), temp).chunk(world)[rank]
+
+
+def _update_center_global(center: Tensor, logits: Tensor, momentum: float) -> Tensor:
+    """``losses.update_center`` with the batch mean taken over every process."""
+    _, world = _world()
+    if world == 1:
+        return losses.update_center(center, logits, momentum)
+    mean = logits.detach().float().mean(dim=0, keepdim=True)
+    dist.all_reduce(mean)
+    return center * momentum + mean / world * (1 - momentum)
 
 
 def _gram_teacher_targets(gram_teacher: nn.Module, images: Tensor, boxes: Tensor, flips: Tensor,
@@ -282,6 +297,9 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
     grid = cfg.global_size // student.backbone.patch_size
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext)
     gram_teacher, history, evals, start, seconds_before = None, [], [], 0, 0.0
+    if cfg.centering not in ("sinkhorn_knopp", "centering"):
+        raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {cfg.centering!r}")
+    centers = {"cls": torch.zeros(1, cfg.head_out_dim, device=dev), "patch": torch.zeros(1, cfg.head_out_dim, device=dev)}
     if resume is not None:
         st = torch.load(resume, map_location=dev, weights_only=False)  # our own file: optimizer state, RNGs
         if st["config"] != asdict(cfg):
@@ -293,6 +311,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
             gram_teacher.load_state_dict(st["gram_teacher"])
         _set_rng_state(gens, st["rng"])
         history, evals, start, seconds_before = st["history"], st["evals"], st["step"], st["seconds"]
+        centers = {k: v.to(dev) for k, v in st.get("centers", centers).items()}
         log(f"resumed from {resume} at step {start}")
 
     t0 = time.time()
@@ -303,6 +322,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
         st = {"config": asdict(cfg), "step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
               "gram_teacher": None if gram_teacher is None else gram_teacher.state_dict(),
               "optimizer": opt.state_dict(), "rng": _rng_state(gens), "history": history, "evals": evals,
+              "centers": centers,
               "seconds": seconds_before + time.time() - t0}
         tmp = Path(str(state_path) + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -363,9 +383,17 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
             with torch.no_grad(), autocast():
                 t_out = teacher(crops["global_crops"], None, masks, mask_inputs=False)
             with torch.no_grad():
-                t_cls_probs = _sinkhorn_global(t_out["global_logits"].float(), temp).view(2, B, -1)
+                t_cls_logits = t_out["global_logits"].float()
                 t_patch_logits = t_out["patch_logits"].float()  # the unmasked teacher's tokens at the masked positions
-                t_patch_probs = losses.sinkhorn_knopp(t_patch_logits, temp) if masks.any() else t_patch_logits
+                if cfg.centering == "centering":
+                    t_cls_probs = losses.softmax_center_teacher(t_cls_logits, centers["cls"], temp).view(2, B, -1)
+                    t_patch_probs = losses.softmax_center_teacher(t_patch_logits, centers["patch"], temp)
+                    centers["cls"] = _update_center_global(centers["cls"], t_cls_logits, cfg.center_momentum)
+                    if masks.any():
+                        centers["patch"] = _update_center_global(centers["patch"], t_patch_logits, cfg.center_momentum)
+                else:
+                    t_cls_probs = _sinkhorn_global(t_cls_logits, temp).view(2, B, -1)
+                    t_patch_probs = losses.sinkhorn_knopp(t_patch_logits, temp) if masks.any() else t_patch_logits
             with autocast():
                 s_out = model(crops["s_global_crops"], crops["local_crops"], masks)
             s_global = s_out["global_logits"].float().view(2, B, -1)

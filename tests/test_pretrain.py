@@ -163,3 +163,22 @@ def test_freeze_last_layer_keeps_the_prototypes_fixed_for_the_first_steps(tmp_pa
         after = _prototypes_after(tmp_path, freeze, stop_after)
         for k in start:
             assert torch.equal(after[k], start[k]) is not moved, (freeze, stop_after, k)
+
+
+def test_centering_run_resumes_bit_for_bit_and_differs_from_sinkhorn_knopp(tmp_path):
+    cfg = PretrainConfig(**{**TINY, "steps": 3, "gram_steps": 0, "centering": "centering", "freeze_last_layer_steps": -1})
+    straight = train(cfg, log=lambda *_: None)
+    state = tmp_path / "c.state.pt"
+    train(cfg, log=lambda *_: None, state_path=state, stop_after=2)
+    assert torch.load(state, weights_only=False)["centers"]["cls"].abs().sum() > 0  # the EMA center is saved
+    second = train(cfg, log=lambda *_: None, state_path=state, resume=state)
+    _same_state(second["teacher"].state_dict(), straight["teacher"].state_dict())
+    assert [h["loss"] for h in second["history"]] == [h["loss"] for h in straight["history"]]
+    sk = train(PretrainConfig(**{**TINY, "steps": 3, "gram_steps": 0, "freeze_last_layer_steps": -1}),
+               log=lambda *_: None)
+    assert [h["loss"] for h in sk["history"]] != [h["loss"] for h in straight["history"]]
+
+
+def test_unknown_centering_is_refused():
+    with pytest.raises(ValueError, match="centering"):
+        train(PretrainConfig(**{**TINY, "centering": "softmax"}), log=lambda *_: None)
