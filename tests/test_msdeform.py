@@ -15,7 +15,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import (  # no
     MultiScaleDeformableAttention,
 )
 
-import dinolab.msdeform as msd  # noqa: E402
+import dinolab.msdeform_fused as msd_fused  # noqa: E402
 from dinolab.msdeform import MSDeformAttn, ms_deform_attn  # noqa: E402
 
 SHAPES = [(5, 7), (3, 2), (4, 1)]  # non-square levels, including a 1-pixel-wide one
@@ -137,7 +137,7 @@ def test_core_int64_index_path(monkeypatch):
     """Fused core: tables too big for int32 indices switch to int64: same numbers (forced here with a tiny limit)."""
     value, loc, attn = _inputs(B=2)
     out32, grads32, go = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a, fused=True), value, loc, attn)
-    monkeypatch.setattr(msd, "_INT32_LIMIT", 0)
+    monkeypatch.setattr(msd_fused, "_INT32_LIMIT", 0)  # the fused core lives in dinolab.msdeform_fused
     out64, grads64, _ = _grads(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a, fused=True), value, loc, attn, go)
     torch.testing.assert_close(out64, out32, atol=0, rtol=0)
     for g, g_ref in zip(grads64, grads32):
