@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .mask2former import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
-from .pixel_decoder import PositionEmbeddingSine
+from .position_encoding import PositionEmbeddingSine
 
 __all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_area", "box_iou", "generalized_box_iou",
            "HungarianMatcher", "SetCriterion", "one2many_targets", "TinyDETR", "post_process", "window_features",

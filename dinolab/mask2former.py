@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .pixel_decoder import Conv2d, MSDeformAttnPixelDecoder, PositionEmbeddingSine
+from .pixel_decoder import Conv2d, MSDeformAttnPixelDecoder
+from .position_encoding import PositionEmbeddingSine
 
 __all__ = ["DINOV3_DECODER_CONFIG", "SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP",
            "MultiScaleMaskedTransformerDecoder", "Mask2FormerHead", "semantic_inference"]
