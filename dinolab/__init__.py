@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "patch_embed", "rope", "attention", "block", "vit", "hub", "weights", "trace", "utils", "data",
-    "msdeform", "adapter", "pixel_decoder", "seg_heads", "depth_head", "linear", "metrics", "lora", "train",
+    "msdeform", "msdeform_fused", "spatial_prior", "adapter_interaction", "adapter", "position_encoding",
+    "msdeform_encoder", "pixel_decoder", "seg_heads", "depth_head", "linear", "metrics", "lora", "train",
     "viz", "pretrain", "dino_head", "losses", "masking", "augment", "schedules", "evaluate", "supervised",
     "mask2former", "set_loss", "panoptic", "eomt", "detection",
 }
