@@ -13,7 +13,7 @@ _SUBMODULES = {
     "patch_embed", "rope", "attention", "block", "vit", "hub", "weights", "trace", "utils", "data",
     "msdeform", "msdeform_fused", "spatial_prior", "adapter_interaction", "adapter", "position_encoding",
     "msdeform_encoder", "pixel_decoder", "seg_heads", "depth_head", "linear", "metrics", "lora", "train",
-    "viz", "pretrain", "dino_head", "losses", "masking", "augment", "schedules", "evaluate", "supervised",
+    "viz", "pretrain", "ssl_meta_arch", "run_state", "dino_head", "losses", "masking", "augment", "schedules", "evaluate", "supervised",
     "mask2former", "set_loss", "panoptic", "eomt", "detection",
 }
 

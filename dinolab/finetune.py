@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hub
-from .pretrain import pick_device
+from .run_state import pick_device
 from .train import cosine_lr_factor, extract_features, to_device
 from .utils import count_params
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -41,12 +40,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from . import augment, hub, losses, masking, schedules
-from .dino_head import DINOHead
-from .utils import normalize
+from . import augment, losses, masking, schedules
 from .data import Palette, ShapesWorld
+from .run_state import _rng_state, _set_rng_state, pick_device, save_checkpoint
+from .ssl_meta_arch import (Student, _gram_teacher_targets, _sinkhorn_global, _update_center_global, _world,
+                            normalize_prototypes)
+
+__all__ = ["PretrainConfig", "CANONICAL_LOOK", "Student", "normalize_prototypes", "pick_device", "save_checkpoint",
+           "train", "main"]
 
 
 @dataclass
@@ -139,108 +142,8 @@ CANONICAL_LOOK = dict(
     textures=("flat",), floor_textures=("tiles",), wall_textures=("gradient",))
 
 
-class Student(nn.Module):
-    """Backbone + DINO head + iBOT head, one forward for DDP."""
-
-    def __init__(self, cfg: PretrainConfig):
-        super().__init__()
-        self.backbone = hub.build(cfg.arch, drop_path_rate=cfg.drop_path_rate, layerscale_init=cfg.layerscale_init)
-        D = self.backbone.embed_dim
-        head = dict(out_dim=cfg.head_out_dim, hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim)
-        self.dino_head = DINOHead(D, **head)
-        self.ibot_head = DINOHead(D, **head)
-
-    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor | None,
-                mask_inputs: bool = True):
-        """``masks`` (2B, N) selects the patches of the iBOT loss; ``mask_inputs``: also replace them by
-        the mask token in the input (the student); the teacher sees the whole crop (False)."""
-        crops = [global_crops] + ([local_crops] if local_crops is not None else [])
-        in_masks = masks if mask_inputs else None
-        outs = self.backbone.forward_features(crops, masks=[in_masks] + [None] * (len(crops) - 1))
-        g = outs[0]
-        cls = [g["x_norm_clstoken"]] + [o["x_norm_clstoken"] for o in outs[1:]]
-        n_global = g["x_norm_clstoken"].shape[0]
-        logits = self.dino_head(torch.cat(cls))
-        patch_logits = self.ibot_head(g["x_norm_patchtokens"][masks]) if masks is not None else None
-        return {"cls": g["x_norm_clstoken"], "patches": g["x_norm_patchtokens"],
-                "global_logits": logits[:n_global], "local_logits": logits[n_global:], "patch_logits": patch_logits}
-
-
-@torch.no_grad()
-def normalize_prototypes(student: "Student") -> None:
-    """Rows of both heads' last layers back onto the unit sphere (see PretrainConfig.norm_last_layer)."""
-    for head in (student.dino_head, student.ibot_head):
-        w = head.last_layer.weight
-        w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _sinkhorn_global(logits: Tensor, temp: float) -> Tensor:
-    """Sinkhorn-Knopp over the whole (all-gathered) batch; returns this rank's rows."""
-    rank, world = _world()
-    if world == 1:
-        return losses.sinkhorn_knopp(logits, temp)
-    parts = [torch.empty_like(logits) for _ in range(world)]
-    dist.all_gather(parts, logits.contiguous())
-    return losses.sinkhorn_knopp(torch.cat(parts), temp).chunk(world)[rank]
-
-
-def _update_center_global(center: Tensor, logits: Tensor, momentum: float) -> Tensor:
-    """``losses.update_center`` with the batch mean taken over every process."""
-    _, world = _world()
-    if world == 1:
-        return losses.update_center(center, logits, momentum)
-    mean = logits.detach().float().mean(dim=0, keepdim=True)
-    dist.all_reduce(mean)
-    return center * momentum + mean / world * (1 - momentum)
-
-
-def _gram_teacher_targets(gram_teacher: nn.Module, images: Tensor, boxes: Tensor, flips: Tensor,
-                          size: int, grid: int) -> Tensor:
-    """Patch features of the Gram teacher on clean (undistorted) crops at 2x the student resolution,
-    resized bicubically to the student's grid: (n_crops * B, grid * grid, D)."""
-    crops = torch.cat([augment.crop_and_resize(images, boxes[c], 2 * size, flip=flips[c]) for c in range(boxes.shape[0])])
-    crops = normalize(crops)
-    feats = gram_teacher.forward_features(crops)["x_norm_patchtokens"]  # (nB, (2g)^2, D)
-    n, _, D = feats.shape
-    fmap = feats.transpose(1, 2).reshape(n, D, 2 * grid, 2 * grid)
-    fmap = F.interpolate(fmap, size=(grid, grid), mode="bicubic", align_corners=False)
-    return fmap.flatten(2).transpose(1, 2)
-
-
 class _Stop(Exception):
     """Raised inside the loop after SIGTERM / Ctrl-C, once the state is saved."""
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else the CPU; "cpu" / "cuda" as given (cuda must exist)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch.cuda.is_available() is False")
-    return torch.device(device)
-
-
-def _rng_state(gens: dict) -> dict:
-    state = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in gens.items()}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(gens: dict, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    for k, g in gens.items():
-        g.set_state(state[k])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, device: str = "auto",
@@ -465,24 +368,6 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
         save_checkpoint(backbone, out, cfg, history, seconds, world, evals)
     return {"teacher": backbone, "student": student.backbone, "history": history, "evals": evals,
             "seconds": seconds, "step": step}
-
-
-def save_checkpoint(backbone: nn.Module, out: str | Path, cfg: PretrainConfig, history: list, seconds: float,
-                    world: int = 1, evals: list | None = None) -> str:
-    """The backbone's state dict in fp16 (RoPE periods kept fp32), plus a JSON sidecar with the recipe,
-    the loss history and the sha256 of the weights file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.half() if v.is_floating_point() and k != "rope_embed.periods" else v).contiguous()
-          for k, v in backbone.state_dict().items()}
-    torch.save(sd, out)
-    sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    meta = {"config": asdict(cfg), "world_size": world, "seconds": round(seconds, 1), "sha256": sha,
-            "evals": evals or [],
-            "torch": torch.__version__, "history": [{k: (round(v, 5) if isinstance(v, float) else v)
-                                                    for k, v in h.items()} for h in history]}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-    return sha
 
 
 def main(argv: list[str] | None = None) -> None:
