@@ -14,46 +14,19 @@ What a scene is
     backgrounds get random colours and textures; the floor is tiled in perspective and fades
     into haze toward the wall, and each object casts a contact shadow.
 
-What depth means
-    ``depth`` is the z-distance from the camera in metres. At row ``y`` (0 = top,
-    1 = bottom, in image heights) the floor lies at ``hf / (y - y_horizon)``, so it grows
-    smoothly from about 1-1.5 m at the bottom edge toward the horizon until it meets the wall
-    (7-10 m), which stays at that constant depth. An object standing at base row ``y_b`` is
-    at the floor depth of that row, minus a small dome bulge (at most half its radius). All
-    its pixels lie on or above its base row, where the floor is farther away, so an object
-    is always nearer than the background behind it. Objects are z-buffered, which gives the
-    same result as painting them far-to-near: the nearest surface wins in the image, the
-    mask and the depth map alike.
-
 What ``label`` means
     The image-level class is the one that covers the most visible pixels in ``mask``
     (summed over all objects of that class). Ties go to the smaller class id. It is 0
     (background) only when no object is visible at all.
 
-Determinism and splits
-    Every random number is an integer hash of a 32-bit sample key, computed in torch with no
-    global RNG. The key is a bijection of ``(split, index)`` for a given seed, with the split
-    stored in the top two bits, so two samples (of the same or different splits) can never
-    share a key, and splits never overlap. ``size`` only sets the sampling resolution: the
-    same ``(split, seed, index)`` is the same scene at 64 px or at 256 px. That is useful for
-    high-resolution features and Gram anchoring. ``domain`` (palette and texture sets) only
-    changes appearance, never layout. So ``ShapesWorld(domain="shifted")[i]`` has the
-    same objects in the same places as the source ``ds[i]``, and any accuracy drop on it
-    comes from appearance alone.
-
-Speed
-    ``batch`` renders many samples at once. Per-object work happens only inside each object's
-    bounding window, and windows of the same class and similar size are batched across
-    samples, so the Python loops run over those groups (tens per 256 images), never over
-    pixels or samples. The per-pixel stages run in place on cache-sized chunks. With the
-    default arguments (128 px, 1-4 objects) ``tests/benchmarks/data_speed.py`` measured
-    about 1,500 images/s on one thread (torch 2.13 CPU, AMD EPYC, on a shared 2-core VM
-    under load, so expect more on an idle core). ``ds[i]`` one at a time manages ~170/s:
-    that is per-call overhead, so use ``batch``, ``tensors`` or a DataLoader with a
-    batch size (it fetches through the vectorised ``__getitems__``).
+Splits, resolution and domains
+    Every sample is a pure function of ``(split, seed, index)``; splits never overlap; ``size`` only sets the
+    sampling resolution (the same scene at 64 or 256 px); ``domain`` changes appearance, never layout. Use
+    ``batch`` / ``tensors`` (vectorised), not ``ds[i]`` in a loop.
 
 This file is the dataset: its constants, arguments and outputs. The renderer behind it (hashing,
-scene layout, z-buffering, textures) is the private ``dinolab/_render.py``.
+scene layout, z-buffering, textures) is the private ``dinolab/_render.py``, whose docstring explains depth,
+determinism and speed.
 """
 from __future__ import annotations
 
