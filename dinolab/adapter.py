@@ -1,17 +1,9 @@
 """The DINOv3 segmentation adapter (``dinov3/eval/segmentation/models/backbone/dinov3_adapter.py``).
 
-A plain ViT gives one feature map, at stride 16. Dense heads such as Mask2Former want a pyramid at strides
-4/8/16/32. The adapter (after ViT-Adapter, Chen et al. 2023) builds one from two sources:
-
-* a small **conv stem**, the Spatial Prior Module (SPM), which sees the image at full resolution and gives
-  c1..c4 at strides 4/8/16/32 — local detail the ViT's 16×16 patches never had;
-* the **frozen ViT**, read at four blocks (``interaction_indexes``) with ``get_intermediate_layers``.
-
-Four ``InteractionBlockWithCls`` blocks let the SPM tokens (strides 8/16/32, concatenated) *read* the ViT's
-stride-16 tokens with multi-scale deformable attention (the **extractor**). The original ViT-Adapter also
-*writes* back into the ViT between its blocks (the **injector**); DINOv3's official adapter does not — the
-backbone is frozen and run once, under ``no_grad``. ``use_injector=True`` builds the original variant for
-comparison (notebook 08; see :class:`DINOv3Adapter`).
+Turns a frozen ViT (read at four blocks) and a small conv stem (the Spatial Prior Module) into a feature pyramid
+at strides 4/8/16/32 for dense heads; the stem's tokens read the ViT's with deformable attention (the extractor).
+DINOv3 has no injector (the backbone is frozen and run once); ``use_injector=True`` builds ViT-Adapter's original
+variant for comparison. Notebooks 06 and 08 explain why.
 
 The official file holds everything; here it is three files, one per part: the SPM is
 :mod:`dinolab.spatial_prior`, the interaction blocks (extractor, injector) and their deformable-attention inputs
