@@ -400,6 +400,98 @@ torch.testing.assert_close(out_hand, out_ours, atol=1e-12, rtol=0)
 torch.testing.assert_close(out_ours, out_peer, atol=1e-12, rtol=0)
 print("by hand == dinolab MSDeformAttn == transformers DeformableDetrMultiscaleDeformableAttention  (assert passed)")
 
+# %% slide hide-input
+from matplotlib.patches import FancyBboxPatch
+
+
+def draw_msdeform_flow(m, query, refs, feat, shapes):
+    """MSDeformAttn as boxes and arrows. Shapes come from one forward pass of `m` on the example above (hooks on
+    its four Linear layers) and from its attributes, so the labels follow the example's sizes."""
+    seen = {}
+
+    def hook(name):
+        return lambda mod, args, out: seen.__setitem__(name, (tuple(args[0].shape), tuple(out.shape)))
+
+    names = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+    handles = [getattr(m, n).register_forward_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        out = m(query, refs, feat, torch.tensor(shapes))
+    for h in handles:
+        h.remove()
+    B_, Lq_, d = seen["sampling_offsets"][0]
+    S_, dv = seen["value_proj"][1][1:]
+    M_, L_, P_ = m.n_heads, m.n_levels, m.n_points
+    dh = dv // M_
+    assert seen["sampling_offsets"][1][-1] == M_ * L_ * P_ * 2 and seen["attention_weights"][1][-1] == M_ * L_ * P_
+
+    def sh(*s):
+        return "[" + ", ".join(str(v) for v in s) + "]"
+
+    fig = plt.figure(figsize=(12.8, 7.2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set(xlim=(0, 128), ylim=(0, 72))
+    ax.axis("off")
+    fill = {"io": "#e6e6e6", "linear": "#cde2f2", "reshape": "#fbe6c6", "core": "#cdeedf"}
+
+    def box(x, y, w, text, kind, h=7.0):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=1.2",
+                                    fc=fill[kind], ec="0.3", lw=1.2))
+        ax.text(x, y, text, ha="center", va="center", fontsize=12, linespacing=1.25)
+        return {"t": (x, y + h / 2), "b": (x, y - h / 2), "l": (x - w / 2, y), "r": (x + w / 2, y)}
+
+    def arrow(p0, p1, shape="", what="", dx=1.0, dy=0.0, at=0.5, ha="left"):
+        ax.annotate("", xy=p1, xytext=p0, arrowprops=dict(arrowstyle="-|>", lw=1.4, color="0.25",
+                                                          shrinkA=1, shrinkB=1, mutation_scale=16))
+        if shape:
+            x, y = p0[0] + at * (p1[0] - p0[0]) + dx, p0[1] + at * (p1[1] - p0[1]) + dy
+            ax.text(x, y, shape, ha=ha, va="bottom", fontsize=11, family="monospace", color=viz.COLORS[0])
+            if what:
+                ax.text(x, y - 0.4, what, ha=ha, va="top", fontsize=10, color="0.35")
+
+    R1, R2, R3, R4, R5 = 60, 47, 34, 21, 8
+    ax.text(64, 69.5, f"MSDeformAttn(d_model={m.d_model}, n_levels={L_}, n_heads={M_}, n_points={P_}) on the "
+            f"example above: B = {B_}, Lq = {Lq_}, levels {' + '.join(f'{h}×{w}' for h, w in shapes)}",
+            ha="center", va="center", fontsize=13)
+    q = box(36, R1, 24, "query\n" + sh(B_, Lq_, d), "io")
+    r = box(80, R1, 22, "reference_points\n" + sh(*refs.shape), "io")
+    x_in = box(112, R1, 24, "input_flatten\n" + sh(B_, S_, d), "io")
+    aw = box(20, R2, 26, f"attention_weights\nLinear({d} → {M_ * L_ * P_})", "linear")
+    so = box(52, R2, 26, f"sampling_offsets\nLinear({d} → {M_ * L_ * P_ * 2})", "linear")
+    vp = box(112, R2, 24, f"value_proj\nLinear({d} → {dv})", "linear")
+    sm = box(20, R3, 26, f"softmax over\nL·P = {L_}·{P_} = {L_ * P_} per head", "reshape")
+    loc = box(52, R3, 26, "reference +\noffset / (W_l, H_l)", "reshape")
+    sp = box(112, R3, 24, f"split {M_} heads × {dh} ch\nand {L_} levels", "reshape")
+    bil = box(84, R4, 30, f"bilinear sample each\nlevel's map at its {P_} points", "core")
+    ws = box(48, R5, 28, "weighted sum over L·P,\nconcatenate heads", "core")
+    op = box(84, R5, 22, f"output_proj\nLinear({dv} → {d})", "linear")
+    o = box(115, R5, 18, "output\n" + sh(*out.shape), "io")
+
+    arrow(q["b"], aw["t"])
+    arrow(q["b"], so["t"])
+    arrow(aw["b"], sm["t"], sh(B_, Lq_, M_, L_ * P_), "B, Lq, M, L·P", dx=-1.0, ha="right")
+    arrow(so["b"], loc["t"], sh(B_, Lq_, M_, L_, P_, 2), "B, Lq, M, L, P, xy (px)", dx=-1.0, ha="right")
+    arrow(r["b"], (loc["t"][0] + 8, loc["t"][1]), sh(*refs.shape), "B, Lq, L, xy in [0, 1]", dx=2.5, at=0.35)
+    arrow(x_in["b"], vp["t"])
+    arrow(vp["b"], sp["t"], sh(B_, S_, dv))
+    arrow(sm["b"], (ws["t"][0] - 6, ws["t"][1]), sh(B_, Lq_, M_, L_, P_), "attention weights", dx=-2.0,
+          ha="right", at=0.55)
+    arrow(loc["b"], (bil["t"][0] - 8, bil["t"][1]), sh(B_, Lq_, M_, L_, P_, 2), "sampling_locations", dx=-1.0,
+          dy=-2.5, at=0.3, ha="right")
+    arrow(sp["b"], (bil["t"][0] + 8, bil["t"][1]), sh(B_ * M_, dh, "H_l", "W_l"), "B·M, dh, H_l, W_l per level",
+          dx=1.5, at=0.45)
+    arrow(bil["b"], (ws["t"][0] + 6, ws["t"][1]), sh(B_, Lq_, M_, L_ * P_, dh), "samples: B, Lq, M, L·P, dh",
+          dx=-1.0, dy=2.0, ha="right")
+    arrow(ws["r"], op["l"], sh(B_, Lq_, M_ * dh), "", dx=0.0, ha="center", dy=0.5)
+    arrow(op["r"], o["l"])
+    ax.text(2, 2, "blue: the four nn.Linear layers (state-dict names)   orange: reshapes and softmax, no parameters   "
+            "green: the core ms_deform_attn", fontsize=10, color="0.35")
+    return fig
+
+
+draw_msdeform_flow(ours, query, refs, feat, shapes3)
+plt.show()
+
+
 # %% [markdown] slide
 # ## 4. The official initialisation
 #
