@@ -58,6 +58,123 @@ print("device type:", DEVICE.type)
 
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
+# %% slide hide-input
+from matplotlib.patches import FancyBboxPatch
+
+
+def draw_spm_in_adapter(adapter, x):
+    """Where the SPM sits in DINOv3's adapter. Shapes come from one forward pass of `adapter` on `x` (forward
+    hooks on the SPM, the interaction blocks and `up`), block indexes and head counts from its attributes."""
+    seen = {}
+
+    def keep(name):
+        return lambda mod, args, out: seen.__setitem__(name, (args, out))
+
+    parts = {"spm": adapter.spm, "up": adapter.up, "block0": adapter.interactions[0]}
+    handles = [m.register_forward_hook(keep(n)) for n, m in parts.items()]
+    with torch.no_grad():
+        out = adapter(x)
+    for h in handles:
+        h.remove()
+    c1, c2, c3, c4 = seen["spm"][1]
+    vit_tokens, c_tokens = seen["block0"][0][0], seen["block0"][0][1]
+    idx, depth = adapter.interaction_indexes, len(adapter.backbone.blocks)
+    attn = adapter.interactions[0].extractor.attn
+    n_extra = sum(len(b.extra_extractors) for b in adapter.interactions if b.extra_extractors is not None)
+    H = x.shape[-1]
+
+    def sh(t):
+        return "[" + ", ".join(str(v) for v in t.shape) + "]"
+
+    fig = plt.figure(figsize=(12.8, 7.2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set(xlim=(0, 128), ylim=(0, 72))
+    ax.axis("off")
+    fill = {"io": "#e6e6e6", "spm": "#fbe6c6", "vit": "#cde2f2", "ext": "#cdeedf", "inj": "white"}
+
+    def box(x, y, w, h, text, kind, fontsize=12, dashed=False):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=1.0",
+                                    fc=fill[kind], ec="0.6" if dashed else "0.3", lw=1.2,
+                                    ls=(0, (4, 3)) if dashed else "-"))
+        ax.text(x, y, text, ha="center", va="center", fontsize=fontsize, linespacing=1.25,
+                color="0.5" if dashed else "black")
+        return {"t": (x, y + h / 2), "b": (x, y - h / 2), "l": (x - w / 2, y), "r": (x + w / 2, y)}
+
+    def arrow(p0, p1, dashed=False, color="0.25"):
+        ax.annotate("", xy=p1, xytext=p0, arrowprops=dict(
+            arrowstyle="-|>", lw=1.3, color="0.6" if dashed else color, shrinkA=0, shrinkB=0, mutation_scale=15,
+            ls=(0, (4, 3)) if dashed else "-"))
+
+    # the frozen ViT: one cell per block, the blocks the extractors read highlighted
+    x0, x1, yv, hv = 40, 96, 62, 6
+    cw = (x1 - x0) / depth
+    for b in range(depth):
+        ax.add_patch(Rectangle((x0 + b * cw, yv - hv / 2), cw, hv, fc=viz.COLORS[0] if b in idx else fill["vit"],
+                               ec="white", lw=0.8))
+    tap = [x0 + (b + 0.5) * cw for b in idx]
+    ax.text((x0 + x1) / 2, yv + hv / 2 + 1.2, f"frozen ViT ({depth} blocks, run once under no_grad), read after "
+            f"blocks {', '.join(map(str, idx))}: {sh(vit_tokens)} each", ha="center", va="bottom", fontsize=12)
+    img = box(8, yv, 13, 7, f"image\n{sh(x)}", "io", fontsize=11)
+    arrow(img["r"], (x0, yv))
+
+    # the SPM and its four levels
+    spm = box(8, 17, 11, 26, "SPM\n\nconv\nstem\n+ 3\nstride-2\nconvs\n+ 1×1\nprojs", "spm", fontsize=11)
+    arrow(img["b"], spm["t"])
+    cs = {}
+    for name, t, y in (("c2", c2, 27), ("c3", c3, 21), ("c4", c4, 15)):
+        side = int(round((t.shape[1]) ** 0.5))
+        cs[name] = box(26, y, 13, 5, f"{name}: stride {H // side}", "spm", fontsize=11)
+        arrow((spm["r"][0], y), cs[name]["l"])
+    c1b = box(26, 6, 13, 5, f"c1: stride {H // c1.shape[-1]}", "spm", fontsize=11)
+    arrow((spm["r"][0], 6), c1b["l"])
+    bus = 35.5
+    for name in ("c2", "c3", "c4"):
+        ax.plot([cs[name]["r"][0], bus], [cs[name]["r"][1]] * 2, color="0.25", lw=1.3)
+    ax.plot([bus, bus], [15, 27], color="0.25", lw=1.3)
+    cat = box(24, 40, 22, 7, f"c = concat(c2, c3, c4)\n{sh(c_tokens)}", "spm", fontsize=11)
+    arrow((bus, 27), (bus, cat["b"][1]))
+    ax.text(bus + 1, 21, f"flatten,\n+ level_embed\n{c2.shape[1]} + {c3.shape[1]} + {c4.shape[1]}\n"
+            f"= {c_tokens.shape[1]} tokens", fontsize=10, va="center", color="0.3")
+
+    # extractors (deformable cross-attention: c queries, the ViT tokens are the values) and the injectors
+    ex_x = [47 + 14 * i for i in range(len(idx))]
+    prev = cat["r"]
+    for i, (ex, tx) in enumerate(zip(ex_x, tap)):
+        label = f"extractor {i + 1}" + (f"\n+ {n_extra} extra" if i == len(idx) - 1 and n_extra else "")
+        e = box(ex, 40, 10, 7, label, "ext", fontsize=11)
+        arrow((tx, yv - hv / 2), e["t"], color=viz.COLORS[0])
+        mid = (prev[0] + e["l"][0]) / 2
+        arrow(prev, e["l"])
+        inj = box(mid, 50, 6, 4, "inj.", "inj", fontsize=10, dashed=True)
+        arrow((mid, 40), inj["b"], dashed=True)
+        start = 0 if i == 0 else idx[i - 1] + 1
+        arrow(inj["t"], (x0 + (start + 0.5) * cw, yv - hv / 2), dashed=True)
+        prev = e["r"]
+    ax.text(ex_x[0] - 5, 32, f"extractor: MSDeformAttn cross-attention ({attn.n_heads} heads, {attn.n_points} "
+            "points)\nc = queries, the ViT map = values; then a ConvFFN", fontsize=10, color="0.3", va="center")
+    ax.text(99, 52, "dashed: injectors,\nViT-Adapter only\n(DINOv3 has none)", fontsize=10, color="0.5",
+            va="center")
+
+    # back to maps, the outputs
+    sp = box(115, 40, 22, 7, "split c back into\nc2, c3, c4 maps", "spm", fontsize=11)
+    arrow(prev, sp["l"])
+    f234 = box(115, 22, 22, 9, "f2, f3, f4\n" + ", ".join(f"{out[k].shape[-1]}²" for k in "234")
+               + f" × {out['2'].shape[1]}", "io", fontsize=11)
+    arrow(sp["b"], f234["t"])
+    f1 = box(92, 6, 24, 7, f"f1 = up(c2) + c1\n{sh(out['1'])}", "io", fontsize=11)
+    arrow((sp["b"][0] - 8, sp["b"][1]), f1["t"])
+    arrow(c1b["r"], f1["l"])
+    ax.text(56, 7.2, f"c1 stays a map: {sh(c1)}", fontsize=10, color="0.3", ha="center", va="bottom")
+    ax.text(115, 13, "all four: + the ViT map\nresized, BatchNorm", fontsize=10, color="0.3", ha="center",
+            va="top")
+    return fig
+
+
+with torch.no_grad():
+    draw_spm_in_adapter(DINOv3Adapter(hub.dinov3_vitl16(device="meta"), interaction_indexes=[4, 11, 17, 23],
+                                      device="meta"), torch.empty(4, 3, 512, 512, device="meta"))
+plt.show()
+
 # %% [markdown] slide
 # ## 1. The layers
 #
