@@ -198,6 +198,112 @@ pixel_decoder = MSDeformAttnPixelDecoder(192, conv_dim=CONV_DIM, mask_dim=CONV_D
 print(f"{count_params(pixel_decoder):,} parameters; encoder levels (coarse first): {pixel_decoder.encoder_features}, "
       f"FPN level: {pixel_decoder.fpn_feature!r}")
 
+# %% slide hide-input
+from matplotlib.patches import Circle, FancyBboxPatch
+
+
+def draw_pixel_decoder(dec, feats, image_size):
+    """The pixel decoder as boxes and arrows, shapes from one forward pass of `dec` on `feats` (forward hooks on
+    its convs, the sine embedding and the encoder), sizes from its attributes and DINOV3_M2F_CONFIG."""
+    seen = {}
+
+    def keep(name):
+        return lambda mod, args, out: seen.__setitem__(name, out)
+
+    parts = {**{f"in{i}": m for i, m in enumerate(dec.input_convs)}, "pe": dec.pe_layer, "enc": dec.encoder,
+             "lat": dec.lateral_convs[0], "out": dec.output_convs[0], "mask": dec.mask_feature}
+    handles = [m.register_forward_hook(keep(n)) for n, m in parts.items()]
+    with torch.no_grad():
+        mask_features, multi_scale = dec(feats)
+    for h in handles:
+        h.remove()
+    layers = dec.encoder.encoder.layers
+    attn, n_layers = layers[0].self_attn, len(layers)
+    tokens = seen["enc"][0]
+
+    def sh(t):
+        return "[" + ", ".join(str(v) for v in t.shape) + "]"
+
+    def stride(t):
+        return f"1/{image_size // t.shape[-1]}"
+
+    fig = plt.figure(figsize=(12.8, 7.2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set(xlim=(0, 128), ylim=(0, 72))
+    ax.axis("off")
+    fill = {"io": "#e6e6e6", "conv": "#cde2f2", "add": "#fbe6c6", "enc": "#cdeedf"}
+
+    def box(x, y, w, h, text, kind, fontsize=11):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=1.0",
+                                    fc=fill[kind], ec="0.3", lw=1.2))
+        ax.text(x, y, text, ha="center", va="center", fontsize=fontsize, linespacing=1.25)
+        return {"t": (x, y + h / 2), "b": (x, y - h / 2), "l": (x - w / 2, y), "r": (x + w / 2, y)}
+
+    def arrow(p0, p1, label="", dx=0.0, dy=0.6, ha="center"):
+        ax.annotate("", xy=p1, xytext=p0, arrowprops=dict(arrowstyle="-|>", lw=1.3, color="0.25", shrinkA=0,
+                                                          shrinkB=0, mutation_scale=15))
+        if label:
+            ax.text((p0[0] + p1[0]) / 2 + dx, (p0[1] + p1[1]) / 2 + dy, label, ha=ha, va="bottom", fontsize=10,
+                    color="0.3")
+
+    C = DINOV3_M2F_CONFIG
+    ax.text(64, 69, f"MSDeformAttnPixelDecoder as built here: conv_dim {dec.conv_dim}, {n_layers} encoder "
+            f"layer{'s' * (n_layers > 1)}, {attn.n_heads} heads   (DINOv3: {C['conv_dim']}, {C['num_layers']} layers, "
+            f"{C['num_heads']} heads)", ha="center", va="center", fontsize=12)
+
+    # encoder path: f4, f3, f2 (coarse first) -> input_convs -> + position -> tokens -> encoder -> 3 maps
+    rows = [58, 46, 34]
+    ins, outs = [], []
+    for i, (name, y) in enumerate(zip(dec.encoder_features, rows)):
+        f = feats[name]
+        fi = box(8, y, 14, 8, f"f{name}  {stride(f)}\n{sh(f)}", "io", fontsize=10)
+        ic = box(29, y, 16, 8, f"input_convs[{i}]\n1×1 conv + GN", "conv", fontsize=10)
+        arrow(fi["r"], ic["l"])
+        ins.append(ic)
+        ms = multi_scale[i]
+        outs.append(box(113, y, 24, 8, f"{stride(ms)}  {sh(ms)}", "io", fontsize=10))
+    pos = box(52, 46, 18, 32, f"+ sine position\n({seen['pe'].shape[1]} ch, fixed)\n\n+ level\nembedding [l]\n"
+              f"{tuple(dec.encoder.level_encoding.shape)}\n\nflatten, concat", "add", fontsize=10)
+    for i, ic in enumerate(ins):
+        arrow(ic["r"], (pos["l"][0], ic["r"][1]), f"{seen[f'in{i}'].shape[1]} ch")
+    enc = box(84, 46, 24, 32, f"deformable\nencoder × {n_layers}\n\nMSDeformAttn self-\nattention: "
+              f"{attn.n_heads} heads,\n{attn.n_levels} levels, {attn.n_points} points\n+ ReLU FFN "
+              f"{layers[0].linear1.out_features}\n(post-norm)", "enc", fontsize=10)
+    sizes = " + ".join(str(m.shape[-2] * m.shape[-1]) for m in multi_scale)
+    arrow(pos["r"], enc["l"], f"tokens\n{sh(tokens)}\n{sizes}", dy=-7.5)
+    for o, y in zip(outs, rows):
+        arrow((enc["r"][0], y), o["l"])
+    ax.text(113, 63.5, "multi_scale_features", ha="center", va="bottom", fontsize=11)
+    ax.text(8, 63.5, "adapter features", ha="center", va="bottom", fontsize=11)
+
+    # FPN step on f1 -> mask_features
+    yb = 10
+    f1 = feats[dec.fpn_feature]
+    fi = box(8, yb, 14, 8, f"f{dec.fpn_feature}  {stride(f1)}\n{sh(f1)}", "io", fontsize=10)
+    lat = box(29, yb, 16, 8, "lateral_convs[0]\n1×1 conv + GN", "conv", fontsize=10)
+    arrow(fi["r"], lat["l"])
+    ax.add_patch(Circle((46, yb), 2.2, fc="white", ec="0.3", lw=1.2))
+    ax.text(46, yb, "+", ha="center", va="center", fontsize=14)
+    arrow(lat["r"], (43.8, yb))
+    p0, p1 = (outs[-1]["b"][0] - 6, outs[-1]["b"][1]), (47.6, yb + 1.6)
+    arrow(p0, p1)
+    angle = math.degrees(math.atan2(p0[1] - p1[1], p0[0] - p1[0]))  # 1 unit = 10 px on both axes
+    ax.text((p0[0] + p1[0]) / 2, (p0[1] + p1[1]) / 2 + 0.6, f"1/8 output, bilinear up to {stride(f1)}",
+            rotation=angle, rotation_mode="anchor", ha="center", va="bottom", fontsize=10, color="0.3")
+    ax.text(29, 15.5, "one FPN step", ha="center", va="bottom", fontsize=11)
+    oc = box(64, yb, 20, 8, "output_convs[0]\n3×3 conv + GN + ReLU", "conv", fontsize=10)
+    arrow((48.2, yb), oc["l"])
+    mf = box(87, yb, 14, 8, "mask_feature\n1×1 conv", "conv", fontsize=10)
+    arrow(oc["r"], mf["l"])
+    out = box(113, yb, 24, 8, f"mask_features\n{sh(mask_features)}  {stride(mask_features)}", "io", fontsize=10)
+    arrow(mf["r"], out["l"])
+    return fig
+
+
+draw_pixel_decoder(pixel_decoder, feats, images.shape[-1])
+plt.show()
+
+
 # %% [markdown] slide
 # ### Step 1 — input projections: 1×1 conv + GroupNorm on the three coarse levels
 #
