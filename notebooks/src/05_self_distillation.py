@@ -17,13 +17,15 @@
 # 7. **live pretraining** with `dinolab.pretrain.train` (both phases, about 25 s);
 # 8. the **shipped checkpoint**: k-NN accuracy, PCA maps and a linear patch probe, pretrained vs random init.
 #
-# Expected run time: about 60 s on 2 CPU cores (about 25 s of it is the live pretraining).
+# Expected run time: 3–5 minutes on 2 idle CPU cores (about 25 s of it is the live pretraining, most of the rest
+# evaluates the shipped checkpoints).
 
 # %% slide hide-input
 from IPython.display import Markdown, display
 
 from dinolab import viz
 
+viz.use_style()
 display(Markdown(viz.series_map("05")))
 
 # %% skip
@@ -70,19 +72,19 @@ for k in ("image", "mask", "depth", "label", "boxes"):
     print(f"{k:6s} {str(tuple(sample[k].shape)):18s} {sample[k].dtype}")
 print(train_ds)
 
-fig, axes = plt.subplots(3, 6, figsize=(8, 4), dpi=75)
+fig, axes = plt.subplots(3, 6, figsize=(9.6, 4.8))
 for i in range(6):
-    axes[0, i].imshow(viz.to_numpy_image(sample["image"][i]))
-    axes[0, i].set_title(f"label: {CLASS_NAMES[sample['label'][i]]}", fontsize=9)
+    axes[0, i].imshow(viz.to_numpy_image(sample["image"][i]), interpolation="nearest")
+    axes[0, i].set_title(f"label: {CLASS_NAMES[sample['label'][i]]}", fontsize=10)
     axes[1, i].imshow(MASK_COLORS[sample["mask"][i]].numpy())
     axes[2, i].imshow(sample["depth"][i].numpy(), cmap="magma_r")
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
 for ax, name in zip(axes[:, 0], ["image", "mask", "depth\n(bright = near)"]):
-    ax.set_ylabel(name, fontsize=8)
+    ax.set_ylabel(name, fontsize=10)
 handles = [plt.Rectangle((0, 0), 1, 1, color=MASK_COLORS[c].numpy()) for c in range(len(CLASS_NAMES))]
-fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=6, fontsize=8, frameon=False)
+fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=6, fontsize=10, frameon=False)
 plt.tight_layout(rect=(0, 0.05, 1, 1))
 plt.show()
 
@@ -118,25 +120,25 @@ print("crop-major layout: rows [c*B, (c+1)*B) hold crop c of every image (B = 2 
 
 # %% subslide hide-input
 B_show, n_loc = 2, cfg_ship.n_local
-fig = plt.figure(figsize=(10, 2.9), dpi=70)
+fig = plt.figure(figsize=(10.4, 3.0))
 gs = fig.add_gridspec(2, 6, width_ratios=[2, 2, 2, 1, 1, 0.05])
 ax = fig.add_subplot(gs[:, 0])
-ax.imshow(viz.to_numpy_image(sample["image"][0]))
+ax.imshow(viz.to_numpy_image(sample["image"][0]), interpolation="nearest")
 colors = ["tab:red", "tab:orange"] + ["tab:blue", "tab:cyan", "tab:green", "tab:purple"]
 boxes = torch.cat([crops["global_boxes"][:, 0], crops["local_boxes"][:, 0]])
 names = ["global 1", "global 2"] + [f"local {i + 1}" for i in range(n_loc)]
 for box, color, name in zip(boxes.tolist(), colors, names):
     x0, y0, x1, y1 = box
     ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=color, lw=2))
-    ax.text(x0 + 1, y0 + 6, name, color="white", fontsize=7, bbox=dict(fc=color, ec="none", pad=1))
-ax.set_title("image 0 (128 px) and its crop boxes", fontsize=9)
+    ax.text(x0 + 1, y0 + 6, name, color="white", fontsize=10, bbox=dict(fc=color, ec="none", pad=1))
+ax.set_title("image 0 (128 px) and its crop boxes", fontsize=10)
 ax.axis("off")
 views = [crops["global_crops"][c * B_show] for c in range(2)] + [crops["local_crops"][c * B_show] for c in range(n_loc)]
 slots = [gs[:, 1], gs[:, 2]] + [gs[r, 3 + c] for r in range(2) for c in range(2)]  # drawn to scale: 96 vs 48 px
 for slot, view, color, name in zip(slots, views, colors, names):
     a = fig.add_subplot(slot)
-    a.imshow(viz.to_numpy_image(view))
-    a.set_title(f"{name}, {view.shape[-1]} px", fontsize=8, color=color)
+    a.imshow(viz.to_numpy_image(view), interpolation="nearest")
+    a.set_title(f"{name}, {view.shape[-1]} px", fontsize=10, color=color)
     a.set_xticks([])
     a.set_yticks([])
     for sp in a.spines.values():
@@ -344,10 +346,10 @@ cols = losses.sinkhorn_knopp(biased, teacher_temp=0.1, n_iterations=30).sum(0)
 torch.testing.assert_close(cols, torch.full((Ks,), Bs / Ks), atol=0.01 * Bs / Ks, rtol=0)
 print("asserted: with more iterations the columns converge to B/K (30 iterations: within 1 %)")
 
-fig, axes = plt.subplots(1, 2, figsize=(7, 3.4), dpi=70, constrained_layout=True)
+fig, axes = plt.subplots(1, 2, figsize=(11, 5), constrained_layout=True)
 for ax, p, title in [(axes[0], p_soft, "softmax(l / 0.1)"), (axes[1], p_sk, "Sinkhorn-Knopp (τ = 0.1)")]:
     im = ax.imshow(p.numpy(), cmap="viridis", vmin=0, vmax=1)
-    ax.set_title(f"{title}\ncolumn sums {[round(v, 1) for v in p.sum(0).tolist()]}", fontsize=9)
+    ax.set_title(f"{title}\ncolumn sums {[round(v, 1) for v in p.sum(0).tolist()]}", fontsize=10)
     ax.set_xlabel("prototype")
     ax.set_ylabel("sample")
     ax.set_xticks(range(Ks))
@@ -430,17 +432,17 @@ for v, (hr, hm) in final.items():
 display(Markdown("\n".join(rows) + f"\n\nlog K = {LOGK:.2f}"))
 
 # %% subslide hide-input
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.3), dpi=70)
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.2))
 for v, (hr, hm) in runs.items():
     axes[0].plot(hr, label=v)
     axes[1].plot(hm, label=v)
 for ax, title in zip(axes, ["H(p): entropy of one sample's target", "H(p̄): entropy of the batch-mean target"]):
     ax.axhline(LOGK, color="k", ls=":", lw=1)
-    ax.text(150, LOGK + 0.07, "log K (uniform)", fontsize=8, ha="center")
+    ax.text(150, LOGK + 0.07, "log K (uniform)", fontsize=10, ha="center")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylim(-0.2, LOGK + 0.4)
-axes[1].legend(fontsize=8, loc="center right")
+axes[1].legend(fontsize=10, loc="center right")
 plt.tight_layout()
 plt.show()
 
@@ -458,6 +460,95 @@ print("asserted: sharpening alone -> one prototype; centering alone -> uniform; 
 # Sinkhorn–Knopp uses the prototypes most evenly because it enforces the balance *within each batch*, not through a
 # slow running mean. The price is that it needs the whole batch (the official code all-reduces the sums across GPUs).
 #
+# ### 3.3 A third collapse, inside the student's head
+# Both collapses above are the teacher's. The student has one of its own. Its logits are `W z`: z is the
+# L2-normalised bottleneck (d = 64 in our tiny head) and the rows of W are K = 256 unit-norm prototypes. If z is
+# orthogonal to every prototype, all K logits are 0 and the softmax is uniform at any temperature: the student outputs
+# 1/K for every image, its loss is log K whatever the targets, and the teacher, its running average, follows.
+#
+# Random prototypes leave no such direction. For a unit z, ‖W z‖ ≥ σ_min(W), the smallest singular value of W, and
+# with K ≫ d random unit rows σ_min is about 1. But the prototypes are trained, and nothing in the loss stops them
+# from opening a direction that none of them points into.
+
+# %% subslide hide-input
+seed_everything(0)
+K_p, d_p, tau_s = 256, 64, 0.1
+
+
+def most_uniform_output(W: torch.Tensor) -> tuple[float, float]:
+    """(σ_min of W, entropy of softmax(W v / τ_s)) for v the unit z with the smallest logits."""
+    sv = torch.linalg.svdvals(W)
+    v = torch.linalg.svd(W, full_matrices=False).Vh[-1]
+    return sv[-1].item(), entropy(F.softmax(W @ v / tau_s, dim=-1)).item()
+
+
+W_rand = F.normalize(torch.randn(K_p, d_p), dim=1)
+v_weak = torch.linalg.svd(W_rand, full_matrices=False).Vh[-1]
+W_open = F.normalize(W_rand - (W_rand @ v_weak)[:, None] * v_weak, dim=1)  # every prototype made orthogonal to v
+log_K = math.log(K_p)
+rows = ["| prototypes | σ_min(W) | most uniform output: entropy | log K |", "|---|---|---|---|"]
+for name, W in [("random unit rows", W_rand), ("the same, with one direction emptied", W_open)]:
+    sv_min, h = most_uniform_output(W)
+    rows.append(f"| {name} | {sv_min:.2f} | {h:.3f} | {log_K:.3f} |")
+display(Markdown("\n".join(rows)))
+assert most_uniform_output(W_rand)[1] < log_K - 0.1  # random prototypes: no exactly uniform output
+torch.testing.assert_close(W_open @ v_weak, torch.zeros(K_p), atol=1e-5, rtol=0)
+print(f"asserted: with one direction emptied, z = that direction gives K logits of 0 -> entropy log K = {log_K:.3f}")
+
+# %% [markdown] subslide
+# Our tiny pretraining fell into exactly this. Below, two runs of `python -m dinolab.pretrain` with the same recipe
+# (single large objects, two views of each scene in different colours, batch 32, K = 256, d = 64) that differ in
+# one setting only: the prototypes learn (`freeze_last_layer_steps=0`) or stay at their random initialisation (`-1`).
+# The official recipe freezes them for the first epoch (`optim.freeze_last_layer_epochs: 1`); we freeze them for the
+# whole run. The curves were logged during training (`tools/pilot_curves.py` turned the two training states into
+# `data/prototype_pilots.json`).
+
+# %% slide hide-input
+pilots = json.loads((Path("..") / "data" / "prototype_pilots.json").read_text())
+learn, froz = pilots["learnable"], pilots["frozen"]
+torch.manual_seed(froz["config"]["seed"])  # train() seeds, then builds the student: rebuild its prototypes
+W_run = F.normalize(Student(PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in froz["config"].items()})).dino_head.last_layer.weight.detach(),
+                    dim=1)
+sv_run, h_ceiling = most_uniform_output(W_run)
+ln_k = froz["ln_k"]
+fig, axes = plt.subplots(1, 3, figsize=(12.8, 4.4))
+for name, run in pilots.items():
+    axes[0].plot(run["step"], run["prototype_sv_min"], label=f"prototypes {name}")
+    axes[1].plot(run["step"], run["student_entropy"], label=f"prototypes {name}")
+    axes[2].plot(run["step"], run["teacher_entropy"], label=f"prototypes {name}")
+for ax, title in zip(axes, ["σ_min of the prototypes", "entropy of the student's output",
+                            "entropy of the teacher's targets"]):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+last = froz["step"][-1]
+for ax in axes[1:]:
+    ax.axhline(ln_k, color="k", ls=":", lw=1)
+    ax.text(last, ln_k - 0.01, "log K", ha="right", va="top")
+axes[1].axhline(h_ceiling, color="C1", ls="--", lw=1, label="most uniform output\nthe frozen prototypes allow")
+axes[1].legend(handles=axes[1].get_lines()[-1:], loc="lower right")
+axes[0].set_ylim(0, 1.2)
+axes[0].legend()
+plt.tight_layout()
+plt.show()
+
+print(f"learnable prototypes: σ_min {learn['prototype_sv_min'][0]:.2f} -> {learn['prototype_sv_min'][-1]:.2f}; "
+      f"student entropy at the end {learn['student_entropy'][-1]:.2f} of log K = {ln_k:.2f}")
+print(f"frozen prototypes:    σ_min {sv_run:.2f} throughout; student entropy at the end "
+      f"{froz['student_entropy'][-1]:.2f}; the most uniform output these prototypes allow: {h_ceiling:.2f}")
+assert abs(froz["prototype_sv_min"][-1] - sv_run) < 1e-3  # the logged value is these prototypes' σ_min
+assert learn["prototype_sv_min"][-1] < 0.25 * learn["prototype_sv_min"][0]
+assert learn["student_entropy"][-1] > froz["student_entropy"][-1]
+print("asserted: learnable prototypes open a near-empty direction; frozen ones keep σ_min, and the output off uniform")
+
+# %% [markdown] notes
+# Read the middle panel twice. With learnable prototypes the student's entropy climbs to log K: the head found the
+# empty direction. With frozen prototypes it stops lower, but right at the most uniform output those prototypes allow:
+# the student still hedges as much as it can. Freezing removes the escape, not the reason to hedge. The reason is in
+# the right panel: the teacher's targets for two views of one image hardly agree when the views share no colour, so
+# there is little for the student to predict. Section 8 measures what such runs learn.
+
+# %% [markdown] slide
 # ## 4. iBOT: masked patch prediction
 #
 # iBOT adds a **patch-level** task: some patches of the student's global crops are replaced by a learned
@@ -482,12 +573,12 @@ batch_masks = masking.make_masks(8, (6, 6), generator=0)  # our 96-px global cro
 print("make_masks(8 crops, 6x6) ->", tuple(batch_masks.shape), "masked per crop:", batch_masks.sum(1).tolist())
 assert (batch_masks.sum(1) == 0).sum() == 4  # mask_probability 0.5: half the crops unmasked
 
-fig, axes = plt.subplots(1, 6, figsize=(10, 2.2), dpi=70)
+fig, axes = plt.subplots(1, 6, figsize=(12.8, 2.9))
 for ax, r, mk in zip(axes, ratios, mask_examples):
     ax.imshow(mk.numpy(), cmap="gray_r", vmin=0, vmax=1.6)
-    ax.set_title(f"14x14, ratio {r}\n{int(mk.sum())} patches", fontsize=8)
+    ax.set_title(f"14x14, ratio {r}\n{int(mk.sum())} patches", fontsize=10)
 axes[5].imshow(batch_masks[batch_masks.sum(1).argmax()].view(6, 6).numpy(), cmap="gray_r", vmin=0, vmax=1.6)
-axes[5].set_title(f"6x6 (ours)\n{int(batch_masks.sum(1).max())} patches", fontsize=8)
+axes[5].set_title(f"6x6 (ours)\n{int(batch_masks.sum(1).max())} patches", fontsize=10)
 for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -604,12 +695,12 @@ print(f"nearest-neighbour distance: min {d_before.min():.3f} -> {d_after.min():.
       f"mean {d_before.mean():.3f} -> {d_after.mean():.3f}  (evenly spaced: {even:.3f})")
 assert loss_after < loss_before - 1.0 and d_after.min() > 0.5 * even and d_after.mean() > 0.9 * even
 
-fig, axes = plt.subplots(1, 2, figsize=(7, 3.4), dpi=70)
+fig, axes = plt.subplots(1, 2, figsize=(11, 5))
 circle = torch.linspace(0, 2 * math.pi, 200)
 for ax, u, d, title in [(axes[0], before, d_before, "before"), (axes[1], after, d_after, "after 300 KoLeo steps")]:
     ax.plot(circle.cos(), circle.sin(), color="0.8", lw=1)
     ax.scatter(u[:, 0], u[:, 1], c=range(n_pts), cmap="viridis", s=25, zorder=3)
-    ax.set_title(f"{title}\nmin NN distance {d.min():.3f}", fontsize=9)
+    ax.set_title(f"{title}\nmin NN distance {d.min():.3f}", fontsize=10)
     ax.set_aspect("equal")
     ax.axis("off")
 plt.tight_layout()
@@ -711,14 +802,14 @@ print(f"{len(hist)} steps in {live['seconds']:.1f} s")
 # %% subslide hide-input
 # NBVAL_IGNORE_OUTPUT
 keys = ["loss", "dino", "ibot", "koleo", "gram"]
-fig, axes = plt.subplots(1, 5, figsize=(10, 2.4), dpi=70)
+fig, axes = plt.subplots(1, 5, figsize=(12.8, 3.2))
 for ax, k in zip(axes, keys):
     ax.plot([h[k] for h in hist], marker=".", ms=3)
     ax.axvline(cfg_live.steps - 0.5, color="k", ls=":", lw=1)
-    ax.set_title(k, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-axes[0].text(cfg_live.steps, axes[0].get_ylim()[1], " Gram\n phase", fontsize=7, va="top")
+    ax.set_title(k, fontsize=10)
+    ax.set_xlabel("step", fontsize=10)
+    ax.tick_params(labelsize=10)
+axes[0].text(cfg_live.steps, axes[0].get_ylim()[1], " Gram\n phase", fontsize=10, va="top")
 plt.tight_layout()
 plt.show()
 
@@ -763,15 +854,15 @@ print(f"{CKPT.name}: sha256 matches the sidecar")
 
 # %% subslide hide-input
 h_ship = meta["history"]
-fig, axes = plt.subplots(1, 5, figsize=(10, 2.4), dpi=70)
+fig, axes = plt.subplots(1, 5, figsize=(12.8, 3.2))
 for ax, k in zip(axes, keys):
     ax.plot([h[k] for h in h_ship], lw=1)
     if rc["gram_steps"]:
         ax.axvline(rc["steps"] - 0.5, color="k", ls=":", lw=1)
-    ax.set_title(k, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-fig.suptitle("the shipped run's losses (from the JSON sidecar)", fontsize=9)
+    ax.set_title(k, fontsize=10)
+    ax.set_xlabel("step", fontsize=10)
+    ax.tick_params(labelsize=10)
+fig.suptitle("the shipped run's losses (from the JSON sidecar)", fontsize=10)
 plt.tight_layout()
 plt.show()
 
@@ -845,7 +936,7 @@ display(Markdown("| features | k-NN accuracy (k = 20) |\n|---|---|\n"
 show_ids = [0, 1, 2, 3]
 hi = ShapesWorld("val", **{**eval_kw, "size": 192}).batch(show_ids)
 cols = ["image", "mask"] + [f"PCA, {name}" for name in models]
-fig, axes = plt.subplots(len(show_ids), len(cols), figsize=(1.05 * len(cols), 4), dpi=80)
+fig, axes = plt.subplots(len(show_ids), len(cols), figsize=(1.3 * len(cols), 5.0))
 hi_feats = {}
 for j, (name, m) in enumerate(models.items()):
     _, ptok = embed(m, hi["image"])
@@ -858,7 +949,7 @@ for i in range(len(show_ids)):
     axes[i, 0].imshow(viz.to_numpy_image(hi["image"][i]))
     axes[i, 1].imshow(MASK_COLORS[hi["mask"][i]].numpy())
 for ax, c in zip(axes[0], cols):
-    ax.set_title(c.replace(", ", "\n"), fontsize=7)
+    ax.set_title(c.replace(", ", "\n"), fontsize=10)
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -937,7 +1028,7 @@ Gh = hi["mask"].shape[-1] // 16
 blocks = hi["mask"].view(len(show_ids), Gh, 16, Gh, 16).permute(0, 1, 3, 2, 4).reshape(len(show_ids), Gh * Gh, 256)
 anchor = (blocks == hi["label"][:, None, None]).float().mean(-1).argmax(1)  # the patch most covered by the label class
 rows_shown = [0, 2]
-fig, axes = plt.subplots(len(rows_shown), 1 + len(models), figsize=(2.1 * (1 + len(models)), 4), dpi=70)
+fig, axes = plt.subplots(len(rows_shown), 1 + len(models), figsize=(2.8 * (1 + len(models)), 5.4))
 for r, i in enumerate(rows_shown):
     ay, ax_ = divmod(int(anchor[i]), Gh)
     axes[r, 0].imshow(viz.to_numpy_image(hi["image"][i]))
