@@ -47,7 +47,7 @@ from dinolab.train import extract_features, fit
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 
-plt.rcParams.update({"figure.dpi": 72, "font.size": 9})  # small figures: a light notebook
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a reader with a GPU can raise this: more images and more training steps
@@ -90,18 +90,18 @@ def colour_mask(mask: torch.Tensor) -> torch.Tensor:
     return data.MASK_COLORS[mask]
 
 
-fig, axes = plt.subplots(3, 5, figsize=(9, 5.6))
+fig, axes = plt.subplots(3, 5, figsize=(11.5, 6.9))
 for c in range(5):
     axes[0, c].imshow(viz.to_numpy_image(val_set["image"][c]))
     axes[1, c].imshow(colour_mask(val_set["mask"][c]))
     axes[2, c].imshow(val_set["depth"][c], cmap="magma_r")
 for r, label in enumerate(["image", "mask", "depth (m)"]):
-    axes[r, 0].set_ylabel(label, fontsize=9)
+    axes[r, 0].set_ylabel(label, fontsize=13)
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
 handles = [plt.Rectangle((0, 0), 1, 1, color=data.MASK_COLORS[i].tolist()) for i in range(K)]
-fig.legend(handles, NAMES, loc="lower center", ncol=K, fontsize=8, frameon=False)
+fig.legend(handles, NAMES, loc="lower center", ncol=K, fontsize=12, frameon=False)
 plt.tight_layout(rect=(0, 0.05, 1, 1))
 plt.show()
 
@@ -191,7 +191,7 @@ with torch.no_grad():
     print(f"logits {tuple(linear(patch_maps(cache, 'val', slice(0, 2))).shape)} -> predict(rescale_to=128) "
           f"{tuple(pred_linear.shape)}")
 
-# %% [markdown] notes
+# %% [markdown] slide
 # ## 3. Backbone → adapter → pixel decoder → FPN head, end to end
 #
 # The model: image → **frozen backbone** (4 layers) and **SPM** (conv stem) → 4 **interaction
@@ -201,7 +201,8 @@ with torch.no_grad():
 # (a list, **coarse to fine**) → **FPN head** on four levels, **finest first**: `[mask_features, ms[2], ms[1], ms[0]]`
 # (strides 4, 8, 16, 32) → logits at the image size. Everything except the backbone trains: SPM, interactions, `up`,
 # the adapter's BatchNorms, the pixel decoder and the head.
-#
+
+# %% [markdown] notes
 # Our settings, all chosen to fit a CPU minute (official values in brackets): SPM width `conv_inplane=16` [64]; no
 # extra extractors in the last block [2]; drop path 0 [0.3]; 6 deformable heads in the adapter [16, which must divide
 # D/2 = 96]; no gradient checkpointing; pixel decoder `conv_dim = mask_dim = 64` [2048], 4 heads [16], FFN 128
@@ -219,7 +220,7 @@ with torch.no_grad():
 # under `no_grad` — nothing flows back into the backbone. So a stand-in module that *returns the cached outputs* for
 # the images of the batch is, for training, the same model at a fraction of the cost. We check that claim below.
 
-# %% slide hide-input
+# %% subslide hide-input
 class CachedBackbone(nn.Module):
     """Stands in for the frozen ViT inside DINOv3Adapter: get_intermediate_layers returns precomputed outputs.
 
@@ -473,15 +474,14 @@ print("RESULT " + json.dumps({"miou": round(r_rgb["miou"], 4), "miou_linear": ro
                               "val_images": N_VAL}))
 
 # %% [markdown] slide
-# Predictions on validation scenes: class colours as in section 1, drawn over the image in grey (background left
-# clear).
+# Predictions on validation scenes: class colours as in section 1, over the image in grey.
 
 # %% hide-input
 def overlay(ax, img, mask, title=""):
     ax.imshow(viz.to_numpy_image(img).mean(-1), cmap="gray", vmin=0, vmax=1)  # grey, so the class colours stand out
     colours = torch.cat([colour_mask(mask), (mask > 0).float()[..., None] * 0.8], -1)  # background transparent
     ax.imshow(colours.numpy())
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=11)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -489,15 +489,15 @@ def overlay(ax, img, mask, title=""):
 show = [0, 1, 2]
 columns = [("ground truth", target), ("linear head", pred_linear), ("pipeline", pred_rgb),
            ("pipeline,\nrandom-init backbone", pred_random), ("pipeline, RGB-D", pred_rgbd)]
-fig, axes = plt.subplots(len(show), len(columns) + 1, figsize=(10, 5.4))
+fig, axes = plt.subplots(len(show), len(columns) + 1, figsize=(10.5, 5.3))
 for r, i in enumerate(show):
     axes[r, 0].imshow(viz.to_numpy_image(val_set["image"][i]))
     axes[r, 0].set_xticks([])
     axes[r, 0].set_yticks([])
     for c, (title, masks) in enumerate(columns):
         overlay(axes[r, c + 1], val_set["image"][i], masks[i], title if r == 0 else "")
-axes[0, 0].set_title("image", fontsize=8)
-fig.legend(handles[1:], NAMES[1:], loc="lower center", ncol=K - 1, fontsize=8, frameon=False)
+axes[0, 0].set_title("image", fontsize=11)
+fig.legend(handles[1:], NAMES[1:], loc="lower center", ncol=K - 1, fontsize=12, frameon=False)
 plt.tight_layout(rect=(0, 0.04, 1, 1))
 plt.show()
 
@@ -507,14 +507,14 @@ plt.show()
 # without pretraining. Finding objects is learned from pixels; naming their shape is what the features should carry.
 
 # %% hide-input
-fig, ax = plt.subplots(figsize=(6, 2.8))
+fig, ax = plt.subplots(figsize=(12.8, 4.8))
 for name, h in [("pipeline", hist_rgb), ("pipeline, random-init backbone", hist_random),
                 ("pipeline, RGB-D", hist_rgbd), ("linear head", hist_linear)]:
     ax.plot(torch.tensor(h[:STEPS]).unfold(0, 10, 1).mean(1), label=name)  # running mean over 10 steps
 ax.set_xlabel("step")
 ax.set_ylabel("weighted cross-entropy\n(running mean of 10)")
-ax.set_title(f"first {STEPS} steps (the linear heads train for {LINEAR_STEPS})", fontsize=9)
-ax.legend(fontsize=7)
+ax.set_title(f"first {STEPS} steps (the linear heads train for {LINEAR_STEPS})", fontsize=13)
+ax.legend(fontsize=12)
 plt.tight_layout()
 plt.show()
 
@@ -560,23 +560,8 @@ display(Markdown("\n".join([
 # backbone or LoRA on q and v (notebook 13). The check of success is the linear head: when it rises, the features
 # have become good, and the adapter, pixel decoder and FPN head then add their boundary quality on top.
 
-# %% [markdown] skip
-# ## 6. Summary
-#
-# The shape table of the trained model on one 128 × 128 scene, with the real backbone put back in place of the cache
-# (it is called through `get_intermediate_layers`, not `forward`, so it has no row of its own):
-
-# %% skip
-model_rgb.adapter.backbone = backbone
-model_rgb.eval()
-print(trace(model_rgb, rgb_inputs["val"][:1].to(DEVICE),
-            names=["adapter", "adapter.spm", *[f"adapter.interactions.{i}" for i in range(4)], "adapter.up",
-                   "pixel_decoder", "pixel_decoder.encoder",
-                   "pixel_decoder.lateral_convs.0", "pixel_decoder.output_convs.0", "pixel_decoder.mask_feature",
-                   "head", *[f"head.lateral_convs.{i}" for i in range(4)], "head.cls_seg"]))
-
-# %% [markdown] notes
-# ### What to remember
+# %% [markdown] slide
+# ## 6. Summary: what to remember
 #
 # * The end-to-end path: image [B, 3, 128, 128] → frozen ViT, 4 layers of [B, 64, 192] tokens → adapter (SPM +
 #   interactions) → pyramid f1..f4 of 192 channels at strides 4, 8, 16, 32 → pixel decoder → `mask_features`
@@ -594,7 +579,21 @@ print(trace(model_rgb, rgb_inputs["val"][:1].to(DEVICE),
 #   cross-entropy, small widths (SPM 16, pixel decoder 64 with 1 encoder layer, FPN 64), 64 steps; the FPN head
 #   after the pixel decoder is the seed's design (DINOv3 puts Mask2Former's query decoder there). The adapter's and
 #   the pixel decoder's structure and parameter names are the official ones.
-#
+
+# %% [markdown] skip
+# The shape table of the trained model on one 128 × 128 scene, with the real backbone put back in place of the cache
+# (it is called through `get_intermediate_layers`, not `forward`, so it has no row of its own):
+
+# %% skip
+model_rgb.adapter.backbone = backbone
+model_rgb.eval()
+print(trace(model_rgb, rgb_inputs["val"][:1].to(DEVICE),
+            names=["adapter", "adapter.spm", *[f"adapter.interactions.{i}" for i in range(4)], "adapter.up",
+                   "pixel_decoder", "pixel_decoder.encoder",
+                   "pixel_decoder.lateral_convs.0", "pixel_decoder.output_convs.0", "pixel_decoder.mask_feature",
+                   "head", *[f"head.lateral_convs.{i}" for i in range(4)], "head.cls_seg"]))
+
+# %% [markdown] skip
 # ### Exercises
 #
 # 1. With a GPU, set `SCALE = 8` (more scenes, steps and linear-head steps). Which classes improve first, and does
