@@ -48,6 +48,7 @@ from dinolab.train import extract_features, fit
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a GPU reader can raise this: more training images and more steps in section 6
@@ -118,13 +119,13 @@ for name, m in baselines.items():
 display(Markdown("\n".join(rows)))
 assert base["absrel"] < 0.2 and base["delta1"] > 0.8  # the ground plane makes the row prior strong
 
-# %% hide-input
-fig, axes = plt.subplots(1, 5, figsize=(10, 2.4), dpi=70, gridspec_kw=dict(width_ratios=[1, 1, 1, 1, 1.6]))
+# %% subslide hide-input
+fig, axes = plt.subplots(1, 5, figsize=(12.8, 3.4), gridspec_kw=dict(width_ratios=[1, 1, 1, 1, 1.6]))
 for i in range(2):
     axes[2 * i].imshow(viz.to_numpy_image(val["image"][i]))
-    axes[2 * i].set_title(f"val {i}", fontsize=9)
+    axes[2 * i].set_title(f"val {i}", fontsize=12)
     im = axes[2 * i + 1].imshow(d_va[i].numpy(), cmap="magma_r", vmin=0.5, vmax=10)
-    axes[2 * i + 1].set_title("depth (m)", fontsize=9)
+    axes[2 * i + 1].set_title("depth (m)", fontsize=12)
 for ax in axes[:4]:
     ax.axis("off")
 fig.colorbar(im, ax=axes[3], fraction=0.046)
@@ -132,19 +133,20 @@ ax = axes[4]
 for i in range(12):
     ax.plot(d_va[i].median(dim=1).values.numpy(), lw=0.8, alpha=0.6)
 ax.plot(row_prior.numpy(), "k", lw=2, label="per-row mean (train)")
-ax.set_xlabel("image row (0 = top)", fontsize=8)
-ax.set_ylabel("depth (m)", fontsize=8)
-ax.set_title("median depth per row, 12 val images", fontsize=9)
-ax.legend(fontsize=7)
-ax.tick_params(labelsize=7)
+ax.set_xlabel("image row (0 = top)", fontsize=11)
+ax.set_ylabel("depth (m)", fontsize=11)
+ax.set_title("median depth per row, 12 val images", fontsize=12)
+ax.legend(fontsize=10)
+ax.tick_params(labelsize=10)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown] slide
+# %% [markdown]
 # Each thin line is one image: a plateau (the wall, at a depth that varies per image) down to a row where the floor
 # starts, then the floor curve falling to about 1 m at the bottom. The mean over images (black) smears the corner,
 # so the baseline's errors sit at the wall/floor boundary and on the objects.
-#
+
+# %% [markdown] slide
 # ## 2. Features: four layers of the frozen backbone
 #
 # The official depth encoder (`dinov3/eval/depth/models/encoder.py`) calls
@@ -326,38 +328,39 @@ for bs in ("linear", "log"):
     for ns in ("linear", "softmax"):
         print(f"  all-zero scores, {bs} bins, {ns} norm → depth {float(FeaturesToDepth(MIN_DEPTH, MAX_DEPTH, bs, ns)(zero)):.2f} m")
 
-# %% hide-input
-fig, axes = plt.subplots(1, 2, figsize=(10, 2.6), dpi=70)
+# %% subslide hide-input
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.0))
 ax = axes[0]
 ax.hist(d_tr[:256].flatten().numpy(), bins=80, color="0.7", density=True, label="ShapesWorld train depth")
 ymax = ax.get_ylim()[1]
 ax.vlines(lin_bins.numpy(), ymax * 1.02, ymax * 1.12, color="tab:blue", lw=1, label="linear bin centres")
 ax.vlines(log_bins.numpy(), ymax * 1.16, ymax * 1.26, color="tab:red", lw=1, label="log bin centres")
 ax.set_ylim(0, ymax * 1.3)
-ax.set_xlabel("depth (m)", fontsize=8)
-ax.set_title(f"{N_BINS} bins over [{MIN_DEPTH}, {MAX_DEPTH}] m", fontsize=9)
-ax.legend(fontsize=7, loc="center right")
-ax.tick_params(labelsize=7)
+ax.set_xlabel("depth (m)", fontsize=12)
+ax.set_title(f"{N_BINS} bins over [{MIN_DEPTH}, {MAX_DEPTH}] m", fontsize=13)
+ax.legend(fontsize=10, loc="center right")
+ax.tick_params(labelsize=11)
 ax = axes[1]
 s = torch.linspace(-2, 3, N_BINS).view(1, -1, 1, 1) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)  # two score profiles
 for j, (c_, lab) in enumerate((("tab:green", "scores s"), ("tab:purple", "scores 3·s"))):
     ax.plot(log_bins, bin_weights(s, "linear")[j].flatten(), color=c_, label=f"linear norm, {lab}")
     ax.plot(log_bins, bin_weights(s, "softmax")[j].flatten(), "--", color=c_, label=f"softmax, {lab}")
-ax.set_xlabel("bin centre (m, log bins)", fontsize=8)
-ax.set_ylabel("weight", fontsize=8)
-ax.set_title("scores → weights: linear norm is gentle, softmax sharpens fast", fontsize=9)
-ax.legend(fontsize=6)
-ax.tick_params(labelsize=7)
+ax.set_xlabel("bin centre (m, log bins)", fontsize=12)
+ax.set_ylabel("weight", fontsize=12)
+ax.set_title("scores → weights: linear norm is gentle, softmax sharpens fast", fontsize=13)
+ax.legend(fontsize=10)
+ax.tick_params(labelsize=11)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown] slide
+# %% [markdown]
 # Left: log bins crowd where most ShapesWorld pixels are (1–4 m of floor), linear bins spend half of their bins on
 # 5–11 m. Right: with the linear normalisation, multiplying the scores by 3 barely changes the weights (apart from
 # the 0.1 floor, the weights are proportional to relu(s)), and every negative score gets the same floor weight;
 # softmax is exponential, so its weights pile onto the top bins as the scores grow. In our short trial runs (not
 # shown), softmax trained much worse than the official linear normalisation; exercise 2 measures it.
-#
+
+# %% [markdown] slide
 # ## 5. The loss: SigLoss, the scale-invariant log loss
 #
 # `dinov3/eval/depth/loss.py::SigLoss` (Eigen et al., 2014, via AdaBins/BinsFormer), on the valid pixels:
@@ -394,12 +397,13 @@ warm = SigLoss(warm_up=True, warm_iter=2)
 print("warm-up (warm_iter=2), three calls on the noisy prediction:",
       [round(float(warm(noisy, gt)), 4) for _ in range(3)], "(mean term only for the first two)")
 
-# %% [markdown] slide
+# %% [markdown]
 # Because a scale error is cheap for SigLoss but expensive for AbsRel and δ1, a head trained with it can be
 # "right up to scale" and still score badly on metric depth. The official NYU DPT config evaluates with
 # `align_least_squares` (a per-image scale and shift fitted to the ground truth); we report **plain metric depth**
 # (no alignment), the harder number, and check below how much a per-image rescaling would change it.
-#
+
+# %% [markdown] slide
 # ## 6. Train: linear head vs DPT head
 #
 # Both heads train on the cached features with `dinolab.train.fit` (AdamW, cosine schedule) and the same loss:
@@ -511,34 +515,35 @@ assert dpt_s["delta1"] > 0.85 and dpt_s["absrel"] < 0.15, dpt_s
 assert dpt_s["absrel"] < lin_s["absrel"] and dpt_s["delta1"] > lin_s["delta1"], (dpt_s, lin_s)
 print("asserted: the DPT head beats the per-row baseline and the linear head")
 
-# %% hide-input
-fig, axes = plt.subplots(1, 2, figsize=(9, 2.4), dpi=70)
+# %% subslide hide-input
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.0))
 for name, r in runs.items():
     h = torch.tensor(r["hist"])
     k = 10
     axes[0 if "linear" in name else 1].plot(torch.arange(k - 1, len(h)), h.unfold(0, k, 1).mean(1), label=name)
 for ax in axes:
     ax.axvline(20, color="0.6", ls=":", lw=1)
-    ax.set_xlabel("step", fontsize=8)
-    ax.set_ylabel("SigLoss (10-step mean)", fontsize=8)
-    ax.legend(fontsize=7)
-    ax.tick_params(labelsize=7)
-axes[0].set_title("linear heads (dotted: end of the warm-up)", fontsize=9)
-axes[1].set_title("DPT head", fontsize=9)
+    ax.set_xlabel("step", fontsize=12)
+    ax.set_ylabel("SigLoss (10-step mean)", fontsize=12)
+    ax.legend(fontsize=11)
+    ax.tick_params(labelsize=11)
+axes[0].set_title("linear heads (dotted: end of the warm-up)", fontsize=13)
+axes[1].set_title("DPT head", fontsize=13)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown] subslide
+# %% [markdown]
 # The jump at step 20 is the end of SigLoss's warm-up: the variance term switches on, so the loss value itself
 # changes definition there (it is not a divergence).
-#
+
+# %% [markdown] subslide
 # ### 6.1 Depth maps and error maps
 
 # %% hide-input
 show = [0, 3, 5]
 cols = [("image", None), ("ground truth", d_va), ("per-row mean", pred_row),
         ("linear head", preds["linear head, pretrained backbone"]), ("DPT head", p_dpt)]
-fig, axes = plt.subplots(len(show), len(cols) + 1, figsize=(10, 5.4), dpi=70)
+fig, axes = plt.subplots(len(show), len(cols) + 1, figsize=(11.5, 5.3))
 fig.subplots_adjust(left=0.02, right=0.86, wspace=0.08, hspace=0.25)
 for r, i in enumerate(show):
     for c, (name, arr) in enumerate(cols):
@@ -548,13 +553,13 @@ for r, i in enumerate(show):
         else:
             im_d = ax.imshow(arr[i].numpy(), cmap="magma_r", vmin=0.5, vmax=10)
             if c > 1:
-                ax.set_xlabel(f"AbsRel {absrel(arr[i], d_va[i]):.3f}", fontsize=7)
+                ax.set_xlabel(f"AbsRel {absrel(arr[i], d_va[i]):.3f}", fontsize=11)
         if r == 0:
-            ax.set_title(name, fontsize=9)
+            ax.set_title(name, fontsize=12)
     err = ((p_dpt[i] - d_va[i]).abs() / d_va[i]).numpy()
     im_e = axes[r, -1].imshow(err, cmap="inferno", vmin=0, vmax=0.5)
     if r == 0:
-        axes[r, -1].set_title("DPT |err| / gt", fontsize=9)
+        axes[r, -1].set_title("DPT |err| / gt", fontsize=12)
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -570,8 +575,6 @@ plt.show()
 # **barely draws the objects**: its error map
 # is dominated by them (see the "AbsRel on objects" column). Recovering the objects' depth needs features that
 # localise the shapes, which this backbone's do poorly (notebooks 05 and 10).
-#
-# ## Result
 
 # %% skip
 # NBVAL_IGNORE_OUTPUT
@@ -607,17 +610,8 @@ display(Markdown(
     f"backbone (more pretraining steps, larger batches, on a GPU), larger images (more patches per object), the "
     f"official head widths and schedule (256 bins, thousands of steps), or fine-tuning the backbone (notebook 13)."))
 
-# %% [markdown] skip
-# ## Summary
-#
-# The shapes through the DPT head (`dinolab.trace`, two validation images):
-
-# %% skip
-dpt.eval()
-display(trace.trace(dpt, [(pm[:2].to(DEVICE), c[:2].to(DEVICE)) for pm, c in f_va], max_depth=2))
-
-# %% [markdown] notes
-# **What to remember**
+# %% [markdown] slide
+# ## Summary: what to remember
 #
 # * DINOv3's depth heads read a **frozen** backbone through `get_intermediate_layers(..., reshape=True,
 #   return_class_token=True)`: four (patch map, cls) pairs for DPT (official ViT-7B: blocks 9, 19, 29, 39).
@@ -629,8 +623,16 @@ display(trace.trace(dpt, [(pm[:2].to(DEVICE), c[:2].to(DEVICE)) for pm, c in f_v
 #   (√0.15·|log s|), errors in the shape of the map are not; the first `warm_iter` calls use the mean term only.
 # * Always compare with a **baseline that ignores the image** (here the per-row mean depth): on a ground-plane world it
 #   is strong, and the honest measure of a head is what it adds over it.
-#
-# **Exercises**
+
+# %% [markdown] skip
+# The shapes through the DPT head (`dinolab.trace`, two validation images):
+
+# %% skip
+dpt.eval()
+display(trace.trace(dpt, [(pm[:2].to(DEVICE), c[:2].to(DEVICE)) for pm, c in f_va], max_depth=2))
+
+# %% [markdown] skip
+# ### Exercises
 #
 # 1. The "oracle" of the goal cell averages the ground truth to the 8 × 8 grid. Repeat it at 4 × 4 and 16 × 16, and
 #    measure it on object pixels only. What does it say about the limit of a 1/16 feature grid for small objects?
