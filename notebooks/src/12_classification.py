@@ -44,6 +44,7 @@ from dinolab.train import extract_features
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a GPU reader can raise this: more training images
@@ -97,26 +98,30 @@ print(f"the labelled class covers a median {100 * share.median():.1f} % of the i
 assert 0.15 < majority_acc < 0.3  # five shapes, roughly balanced
 
 # %% subslide hide-input
-fig, axes = plt.subplots(2, 6, figsize=(10, 3.6), dpi=70)
+fig, axes = plt.subplots(2, 6, figsize=(12.8, 4.4))
 for i in range(6):
     axes[0, i].imshow(viz.to_numpy_image(data["test"]["image"][i]))
-    axes[0, i].set_title(f"label: {CLASS_NAMES[y['test'][i]]}", fontsize=9)
+    axes[0, i].set_title(f"label: {CLASS_NAMES[y['test'][i]]}", fontsize=12)
     axes[1, i].imshow(MASK_COLORS[data["test"]["mask"][i]].numpy())
-    axes[1, i].set_title(f"{100 * share[i]:.1f} % of pixels", fontsize=8)
+    axes[1, i].set_title(f"{100 * share[i]:.1f} % of pixels", fontsize=12)
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
 handles = [plt.Rectangle((0, 0), 1, 1, color=MASK_COLORS[c].numpy()) for c in range(NUM_CLASSES)]
-fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=6, fontsize=8, frameon=False)
+fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=6, fontsize=12, frameon=False)
 plt.tight_layout(rect=(0, 0.06, 1, 1))
 plt.show()
 
-# %% [markdown] slide
+# %% [markdown]
 # The classes are not balanced: a shape that covers more pixels on average (circle, ring: see the mean areas above)
-# wins the "most pixels" vote more often than a thin one (star, triangle), so always answering the most frequent label already beats
-# 1/5. That majority-class accuracy is the floor any classifier must clear. The labelled shape is also small: a few
-# patches of the 8 × 8 grid, with other shapes, shadows and textured floors around it. A global descriptor (CLS, or the mean of 64 patch tokens) has to single out that one shape.
-#
+# wins the "most pixels" vote more often than a thin one (star, triangle), so always answering the most frequent
+# label already beats 1/5. That majority-class accuracy is the floor any classifier must clear.
+
+# %% [markdown] notes
+# The labelled shape is also small: a few patches of the 8 × 8 grid, with other shapes, shadows and textured floors
+# around it. A global descriptor (CLS, or the mean of 64 patch tokens) has to single out that one shape.
+
+# %% [markdown] slide
 # ## 2. The official probe input
 #
 # `dinov3/eval/linear.py` reads the frozen backbone through `get_intermediate_layers(x, n=n_last_blocks,
@@ -288,28 +293,28 @@ assert int(y["test"].min()) > 0 and int(pred.min()) > 0  # no image is all backg
 cm = confusion_matrix(pred, y["test"], NUM_CLASSES)[1:, 1:]
 assert int(cm.sum()) == N_TEST
 cm_norm = cm.float() / cm.sum(1, keepdim=True).clamp_min(1)
-fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=70, gridspec_kw=dict(width_ratios=[1.1, 1]))
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.0), gridspec_kw=dict(width_ratios=[1.1, 1]))
 ax = axes[0]
 im = ax.imshow(cm_norm.numpy(), cmap="Blues", vmin=0, vmax=1)
 names = CLASS_NAMES[1:]
-ax.set_xticks(range(5), names, fontsize=8, rotation=30)
-ax.set_yticks(range(5), names, fontsize=8)
+ax.set_xticks(range(5), names, fontsize=11, rotation=30)
+ax.set_yticks(range(5), names, fontsize=11)
 for i in range(5):
     for j in range(5):
-        ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+        ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=11,
                 color="white" if cm_norm[i, j] > 0.5 else "black")
-ax.set_xlabel("predicted", fontsize=8)
-ax.set_ylabel("true label", fontsize=8)
-ax.set_title("linear probe, pretrained (counts; colour = row share)", fontsize=9)
+ax.set_xlabel("predicted", fontsize=12)
+ax.set_ylabel("true label", fontsize=12)
+ax.set_title("linear probe, pretrained (counts; colour = row share)", fontsize=13)
 fig.colorbar(im, ax=ax, fraction=0.046)
 ax = axes[1]
 recall = cm_norm.diag()
 ax.bar(range(5), recall.numpy(), color=[MASK_COLORS[c].numpy() for c in range(1, 6)], edgecolor="k")
 ax.axhline(0.2, color="0.5", ls=":", label="chance (0.2)")
-ax.set_xticks(range(5), names, fontsize=8, rotation=30)
+ax.set_xticks(range(5), names, fontsize=11, rotation=30)
 ax.set_ylim(0, 1)
-ax.set_title("per-class recall", fontsize=9)
-ax.legend(fontsize=7)
+ax.set_title("per-class recall", fontsize=13)
+ax.legend(fontsize=11)
 plt.tight_layout()
 plt.show()
 top2 = counts[1:].topk(2).indices + 1
@@ -321,8 +326,6 @@ print(f"predictions that are one of the two most frequent training labels ({', '
 # The pattern of errors says more than the total: the probe answers mostly with the frequent labels, whatever the true
 # shape. It has learned the class frequencies, not the shapes; the rare thin shapes (triangle, star) are almost never
 # recognised.
-#
-# ## Result
 
 # %% skip
 # NBVAL_IGNORE_OUTPUT
@@ -366,8 +369,8 @@ two = [(p[:2].to(DEVICE), c[:2].to(DEVICE)) for p, c in feats["pretrained"]["tes
 display(trace.trace(probe, two))
 print(f"LinearClassifier: in {probe.out_dim} = 2 × D, out {probe.num_classes} classes, {count_params(probe):,} parameters")
 
-# %% [markdown] notes
-# **What to remember**
+# %% [markdown] slide
+# ### What to remember
 #
 # * Linear probe and k-NN measure a **frozen** backbone: the backbone's features, not the classifier, are what is
 #   evaluated. The official probe input is `[CLS ‖ mean patch]` of the last block (2D), `nn.Linear` with N(0, 0.01)
@@ -379,8 +382,9 @@ print(f"LinearClassifier: in {probe.out_dim} = 2 × D, out {probe.num_classes} c
 #   learning-rate grid on the evaluation set itself, which is slightly optimistic.
 # * Our tiny backbone is at chance level on shapes, as `data/README.md` says: short CPU pretraining does not make a
 #   semantic representation. The probes above show it in numbers; they are the tool you would use to see it change.
-#
-# **Exercises**
+
+# %% [markdown] skip
+# ### Exercises
 #
 # 1. Add the official `use_n_blocks=4` variant (CLS of the last four blocks ‖ mean patch, 5D features). Does it help?
 # 2. Probe every block separately (CLS and mean patch of block 0, 1, …, 5). Which block is most linearly separable?
