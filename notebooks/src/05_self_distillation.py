@@ -72,7 +72,7 @@ for k in ("image", "mask", "depth", "label", "boxes"):
     print(f"{k:6s} {str(tuple(sample[k].shape)):18s} {sample[k].dtype}")
 print(train_ds)
 
-fig, axes = plt.subplots(3, 6, figsize=(9.6, 4.8))
+fig, axes = plt.subplots(3, 6, figsize=(9.0, 4.4))
 for i in range(6):
     axes[0, i].imshow(viz.to_numpy_image(sample["image"][i]), interpolation="nearest")
     axes[0, i].set_title(f"label: {CLASS_NAMES[sample['label'][i]]}", fontsize=10)
@@ -346,7 +346,7 @@ cols = losses.sinkhorn_knopp(biased, teacher_temp=0.1, n_iterations=30).sum(0)
 torch.testing.assert_close(cols, torch.full((Ks,), Bs / Ks), atol=0.01 * Bs / Ks, rtol=0)
 print("asserted: with more iterations the columns converge to B/K (30 iterations: within 1 %)")
 
-fig, axes = plt.subplots(1, 2, figsize=(11, 5), constrained_layout=True)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), constrained_layout=True)
 for ax, p, title in [(axes[0], p_soft, "softmax(l / 0.1)"), (axes[1], p_sk, "Sinkhorn-Knopp (τ = 0.1)")]:
     im = ax.imshow(p.numpy(), cmap="viridis", vmin=0, vmax=1)
     ax.set_title(f"{title}\ncolumn sums {[round(v, 1) for v in p.sum(0).tolist()]}", fontsize=10)
@@ -661,11 +661,11 @@ koleo = losses.KoLeoLoss()
 print(f"KoLeo by hand {koleo_by_hand:.4f}   losses.KoLeoLoss {koleo(xk):.4f}")
 torch.testing.assert_close(koleo(xk), koleo_by_hand, atol=1e-6, rtol=1e-5)  # the official adds eps = 1e-8
 
-# %% [markdown] subslide
+# %% [markdown] notes
 # **A 2-D toy.** 24 points on the unit circle, bunched around one direction; 300 Adam steps on the KoLeo loss alone
 # move them apart. For n evenly spaced points every nearest-neighbour distance is 2·sin(π/n).
 
-# %% hide-input
+# %% subslide hide-input
 seed_everything(0)
 n_pts = 24
 angles = 0.6 * torch.randn(n_pts)
@@ -932,7 +932,7 @@ display(Markdown("| features | k-NN accuracy (k = 20) |\n|---|---|\n"
 # untrained ViT separates wall, floor and objects here, because its patch embedding sees colour and texture. A PCA map
 # alone does not prove that anything was learned; the numbers of sections 8.1 and 8.3 do.
 
-# %% hide-input
+# %% subslide hide-input
 show_ids = [0, 1, 2, 3]
 hi = ShapesWorld("val", **{**eval_kw, "size": 192}).batch(show_ids)
 cols = ["image", "mask"] + [f"PCA, {name}" for name in models]
@@ -1023,7 +1023,7 @@ display(Markdown("| patch features | linear probe mIoU (6 classes) | foreground 
 # rows of the Gram matrix: the cosine similarity of one patch (on the image's main object) to every patch of its image.
 # Sharp dense features light up that object and little else.
 
-# %% hide-input
+# %% subslide hide-input
 Gh = hi["mask"].shape[-1] // 16
 blocks = hi["mask"].view(len(show_ids), Gh, 16, Gh, 16).permute(0, 1, 3, 2, 4).reshape(len(show_ids), Gh * Gh, 256)
 anchor = (blocks == hi["label"][:, None, None]).float().mean(-1).argmax(1)  # the patch most covered by the label class
