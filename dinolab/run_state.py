@@ -14,7 +14,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .pretrain import PretrainConfig
 
-__all__ = ["pick_device", "save_checkpoint"]
+__all__ = ["pick_device", "save_fp16", "save_checkpoint"]
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -43,19 +43,23 @@ def _set_rng_state(gens: dict, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(backbone: nn.Module, out: str | Path, cfg: PretrainConfig, history: list, seconds: float,
-                    world: int = 1, evals: list | None = None) -> str:
-    """The backbone's state dict in fp16 (RoPE periods kept fp32), plus a JSON sidecar with the recipe,
-    the loss history and the sha256 of the weights file."""
+def save_fp16(backbone: nn.Module, out: str | Path, meta: dict) -> str:
+    """A backbone's state dict in fp16 (RoPE periods kept fp32), plus a JSON sidecar: ``meta`` and the sha256 of the
+    weights file, which is returned."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.half() if v.is_floating_point() and k != "rope_embed.periods" else v).contiguous()
           for k, v in backbone.state_dict().items()}
     torch.save(sd, out)
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    meta = {"config": asdict(cfg), "world_size": world, "seconds": round(seconds, 1), "sha256": sha,
-            "evals": evals or [],
-            "torch": torch.__version__, "history": [{k: (round(v, 5) if isinstance(v, float) else v)
-                                                    for k, v in h.items()} for h in history]}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({**meta, "sha256": sha}, indent=1))
     return sha
+
+
+def save_checkpoint(backbone: nn.Module, out: str | Path, cfg: PretrainConfig, history: list, seconds: float,
+                    world: int = 1, evals: list | None = None) -> str:
+    """A pretraining run's teacher backbone (``save_fp16``) with the recipe, the loss history and the evaluations."""
+    return save_fp16(backbone, out, {
+        "config": asdict(cfg), "world_size": world, "seconds": round(seconds, 1), "evals": evals or [],
+        "torch": torch.__version__,
+        "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history]})

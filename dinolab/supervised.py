@@ -19,7 +19,6 @@ sidecar (recipe, curves, time, sha256).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from . import hub
 from .data import NUM_CLASSES, ShapesWorld
 from .evaluate import OBJECT_SCALE
+from .run_state import save_fp16
 from .utils import normalize
 
 
@@ -170,15 +170,8 @@ def train(cfg: SupervisedConfig, out: str | Path | None = None, *, resume: str |
 
 
 def save_backbone(backbone: nn.Module, out: str | Path, meta: dict) -> str:
-    """fp16 state dict (RoPE periods fp32) + a JSON sidecar with ``meta`` and the sha256."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.half() if v.is_floating_point() and k != "rope_embed.periods" else v).contiguous()
-          for k, v in backbone.state_dict().items()}
-    torch.save(sd, out)
-    sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    out.with_suffix(".json").write_text(json.dumps({**meta, "sha256": sha}, indent=1))
-    return sha
+    """fp16 state dict (RoPE periods fp32) + a JSON sidecar with ``meta`` and the sha256 (``run_state.save_fp16``)."""
+    return save_fp16(backbone, out, meta)
 
 
 def main(argv: list[str] | None = None) -> None:
