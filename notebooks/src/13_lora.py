@@ -54,6 +54,7 @@ from dinolab.train import extract_features, fit
 from dinolab.utils import count_params, get_device, seed_everything
 from dinolab.weights import tiny_checkpoint
 
+viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 seed_everything(0)
 DEVICE = get_device()  # CUDA if present; the stored outputs come from the CPU
 SCALE = 1  # a GPU reader can raise this: more images and more steps in section 5
@@ -108,64 +109,68 @@ print(f"multiply-adds per token: W x {D * D:,}   B(A x) {2 * r * D:,}")
 # q rows and $B_v A_v$ to the v rows, and leaves the k rows alone (section 3).
 
 # %% hide-input
-def draw_box(ax, x0, y0, w, h, color, label, text_color="black", fontsize=9, alpha_=0.85):
+def draw_box(ax, x0, y0, w, h, color, label, text_color="black", fontsize=12, alpha_=0.85):
     ax.add_patch(Rectangle((x0, y0), w, h, facecolor=color, edgecolor="black", lw=0.8, alpha=alpha_))
     ax.text(x0 + w / 2, y0 + h / 2, label, ha="center", va="center", fontsize=fontsize, color=text_color)
 
 
 R_FIG = 8
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=80, gridspec_kw={"width_ratios": [1.25, 1]})
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.6), gridspec_kw={"width_ratios": [1.25, 1]})
 ax = axes[0]
 draw_box(ax, 0, 0, D, D, "#c6dbef", f"W\n{D}×{D}\nfrozen")
-ax.text(D + 18, D / 2, "+  α/r ·", ha="center", va="center", fontsize=11)
+ax.text(D + 18, D / 2, "+  α/r ·", ha="center", va="center", fontsize=13)
 draw_box(ax, D + 40, 0, R_FIG, D, "#fd8d3c", "")
-ax.text(D + 40 + R_FIG / 2, -12, f"B\n{D}×{R_FIG}", ha="center", va="top", fontsize=9)
+ax.text(D + 40 + R_FIG / 2, -12, f"B\n{D}×{R_FIG}", ha="center", va="top", fontsize=12)
 draw_box(ax, D + 60, D - R_FIG, D, R_FIG, "#fd8d3c", "")
-ax.text(D + 60 + D / 2, D - R_FIG - 6, f"A   {R_FIG}×{D}", ha="center", va="top", fontsize=9)
+ax.text(D + 60 + D / 2, D - R_FIG - 6, f"A   {R_FIG}×{D}", ha="center", va="top", fontsize=12)
 ax.text(D + 60 + D / 2, D / 3, f"trainable:\n{R_FIG}·({D}+{D}) = {2 * R_FIG * D:,}\nvs {D * D:,} in W",
-        ha="center", va="center", fontsize=9)
+        ha="center", va="center", fontsize=12)
 ax.set_xlim(-5, 2 * D + 70)
 ax.set_ylim(-45, D + 10)
-ax.set_title(f"(a) one projection: W' = W + (α/r)·B·A  (D = {D}, r = {R_FIG}, drawn to scale)", fontsize=10)
+ax.set_title(f"(a) one projection: W' = W + (α/r)·B·A  (D = {D}, r = {R_FIG}, drawn to scale)", fontsize=13)
 ax = axes[1]
 for i, (name, color, txt) in enumerate([("q", "#c6dbef", "q rows 0:D"), ("k", "#e0e0e0", "k rows D:2D\nno LoRA"),
                                          ("v", "#c6dbef", "v rows 2D:3D")]):
     y0 = (2 - i) * D
-    draw_box(ax, 0, y0, D, D, color, f"{txt}\n{D}×{D}", fontsize=8)
+    draw_box(ax, 0, y0, D, D, color, f"{txt}\n{D}×{D}", fontsize=11)
     if name in "qv":
         draw_box(ax, D + 25, y0, R_FIG, D, "#fd8d3c", "")
         draw_box(ax, D + 45, y0 + D - R_FIG, D // 2, R_FIG, "#fd8d3c", "")
-        ax.text(D + 12, y0 + D / 2, "+", ha="center", va="center", fontsize=12)
+        ax.text(D + 12, y0 + D / 2, "+", ha="center", va="center", fontsize=13)
         ax.text(D + 45 + D / 4, y0 + D / 2, f"B_{name} A_{name}\n(A drawn\nhalf width)", ha="center", va="center",
-                fontsize=8)
+                fontsize=11)
 ax.set_xlim(-5, D + 150)
 ax.set_ylim(-5, 3 * D + 5)
-ax.set_title("(b) the fused qkv weight (3D × D) of every block", fontsize=10)
+ax.set_title("(b) the fused qkv weight (3D × D) of every block", fontsize=13)
 for ax in axes:
     ax.set_aspect("equal")
     ax.axis("off")
 plt.tight_layout()
 plt.show()
 
-# %% [markdown] notes
+# %% [markdown] slide
 # ## 2. Why q and v
 #
 # Which matrices should get the update? The LoRA paper answers with one ablation (§7.1, Table 5): GPT-3 175B, a
 # fixed budget of 18M trainable parameters, spent on one attention matrix at $r = 8$, two at $r = 4$, or all four at
 # $r = 2$. Validation accuracy on WikiSQL / MultiNLI:
 #
-# | adapted | $W_q$ | $W_k$ | $W_v$ | $W_o$ | $W_q, W_k$ | $W_q, W_v$ | $W_q, W_k, W_v, W_o$ |
+# | weights adapted | q | k | v | o | q, k | q, v | q, k, v, o |
 # |---|---|---|---|---|---|---|---|
-# | rank $r$ | 8 | 8 | 8 | 8 | 4 | 4 | 2 |
+# | rank r | 8 | 8 | 8 | 8 | 4 | 4 | 2 |
 # | WikiSQL (±0.5) | 70.4 | 70.0 | 73.0 | 73.2 | 71.4 | **73.7** | **73.7** |
 # | MultiNLI (±0.1) | 91.0 | 90.8 | 91.0 | 91.3 | 91.3 | 91.3 | **91.7** |
 #
 # (numbers quoted from the paper, not computed here). What it shows: putting the whole budget into $W_q$ or $W_k$
 # alone does markedly worse; $W_q, W_v$ is the best pair and level with all four matrices on WikiSQL (all four
-# are 0.4 better on MultiNLI). The paper's reading: rank 4 already captures enough of the update that it pays to
+# are 0.4 better on MultiNLI).
+
+# %% [markdown] notes
+# The paper's reading: rank 4 already captures enough of the update that it pays to
 # spread the budget over more matrices rather than give one matrix a larger rank. The paper also adapts **only
 # attention weights** and freezes the MLPs, for simplicity and parameter efficiency (§4.2).
-#
+
+# %% [markdown]
 # What it does **not** show: anything about vision transformers, or that q and v beat q, k, v and o by a
 # margin. That q + v became the default for ViTs (and for the DINOv2/DINOv3 LoRA repository the seed follows) is a
 # convention carried over from this GPT-3 ablation. `dinolab.lora.apply_lora` takes `targets=("q", "v")` by
@@ -323,7 +328,7 @@ assert torch.equal(source_tr["mask"], shifted_tr["mask"])  # same layouts, only 
 print("masks of source and shifted are identical: same scenes")
 
 # %% subslide hide-input
-fig, axes = plt.subplots(3, N_SHOW, figsize=(8, 6), dpi=70)
+fig, axes = plt.subplots(3, N_SHOW, figsize=(8.8, 6.0))
 for j in range(N_SHOW):
     axes[0, j].imshow(viz.to_numpy_image(source_tr["image"][j]))
     axes[1, j].imshow(viz.to_numpy_image(shifted_tr["image"][j]))
@@ -333,7 +338,7 @@ for i, t in enumerate(["source", "shifted", "foreground"]):
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-fig.suptitle("The same scenes in the source and the shifted domain, and the target (train images 0-3)", fontsize=10)
+fig.suptitle("The same scenes in the source and the shifted domain, and the target (train images 0-3)", fontsize=13)
 plt.tight_layout()
 plt.show()
 
@@ -544,25 +549,25 @@ print(f"LoRA beats the linear probe by more than 0.05 IoU and recovers more than
 # change what the features see; LoRA's 18k numbers in the attention are enough to change it.
 
 # %% subslide hide-input
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=80)
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 5.0))
 colors = {"linear probe": "tab:gray", "LoRA r=4 (q, v)": "tab:orange", "full fine-tuning": "tab:blue"}
 for name, m in methods.items():
     h = torch.tensor(m["hist"])
     smooth = torch.nn.functional.avg_pool1d(h[None, None], 5, stride=1).flatten()
     axes[0].plot(range(4, len(h)), smooth, label=name, color=colors[name])
     axes[1].scatter(m["trainable"], m["score"], s=60, color=colors[name], label=name)
-    axes[1].annotate(f"  {m['score']:.2f}", (m["trainable"], m["score"]), fontsize=9, va="center")
+    axes[1].annotate(f"  {m['score']:.2f}", (m["trainable"], m["score"]), fontsize=12, va="center")
 axes[0].set(xlabel="step", ylabel="cross-entropy (5-step mean)", title="training loss, same batches")
 axes[1].set(xscale="log", xlabel="trainable parameters (log)", ylabel="foreground IoU, shifted val",
             title="score vs trainable parameters")
 axes[1].set_xlim(300, 2e7)
-axes[0].legend(fontsize=8)
-axes[1].legend(fontsize=8, loc="lower right")
+axes[0].legend(fontsize=11)
+axes[1].legend(fontsize=11, loc="lower right")
 plt.tight_layout()
 plt.show()
 
 # %% subslide hide-input
-fig, axes = plt.subplots(5, N_SHOW, figsize=(7.5, 9.5), dpi=60)
+fig, axes = plt.subplots(5, N_SHOW, figsize=(5.4, 6.0))
 for j in range(N_SHOW):
     axes[0, j].imshow(viz.to_numpy_image(shifted_va["image"][j]))
     axes[1, j].imshow(y_va[j].numpy(), cmap="gray", vmin=0, vmax=1)
@@ -573,7 +578,7 @@ for i, t in enumerate(["image", "target", "linear probe", "LoRA r=4", "full FT"]
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-fig.suptitle("Foreground predictions on shifted val images 0-3", fontsize=10)
+fig.suptitle("Foreground predictions on shifted val images 0-3", fontsize=13)
 plt.tight_layout()
 plt.show()
 
@@ -660,7 +665,8 @@ print(f"{'linear probe':17s} the backbone ran once over the {N_TRAIN} train imag
 # of the backward matmuls), not the gradients with respect to their inputs, and AdamW updates 18k numbers instead of
 # 2.8M. The larger wins of LoRA are memory (above), storage (kilobytes per task, section 6) and, in multi-GPU
 # training, no gradient all-reduce for frozen weights.
-#
+
+# %% [markdown] subslide
 # ### 5.7 What did full fine-tuning change? Singular values of $\Delta W$
 #
 # LoRA restricts $\Delta W$ to rank $r$. Full fine-tuning had no such restriction: how concentrated is *its*
@@ -668,7 +674,7 @@ print(f"{'linear probe':17s} the backbone ran once over the {N_TRAIN} train imag
 # normalised by the largest, next to the LoRA update of the same block (rank 4 exactly) and a random Gaussian
 # matrix of the same size.
 
-# %% subslide hide-input
+# %% hide-input
 with torch.no_grad():
     sv = {"full FT": [], "LoRA": []}
     for i in range(DEPTH):
@@ -695,9 +701,9 @@ print(f"share of ||ΔW_q||² in the top {R_LORA} singular values: full FT, block
       [round(e, 3) for e in full_top4], f"  random matrix: {rand_top4:.3f}   LoRA: "
       f"{min(energy(s_, R_LORA) for s_ in sv['LoRA']):.3f}")
 
-# %% hide-input
+# %% subslide hide-input
 
-fig, ax = plt.subplots(figsize=(7, 3.2), dpi=80)
+fig, ax = plt.subplots(figsize=(11, 4.2))
 for i, s_ in enumerate(sv["full FT"]):
     ax.plot(range(1, D + 1), s_ / s_[0], color="tab:blue", alpha=0.35 + 0.1 * i, label="full FT ΔW_q, blocks 0-5" if i == 0 else None)
 for i, s_ in enumerate(sv["LoRA"]):
@@ -706,19 +712,23 @@ ax.plot(range(1, D + 1), sv_rand / sv_rand[0], "k--", label="random Gaussian 192
 ax.set(xscale="log", yscale="log", xlabel="index i", ylabel="σ_i / σ_1", ylim=(1e-4, 1.5),
        title="Singular values of the fine-tuning update of W_q")
 ax.axvline(R_LORA, color="gray", lw=0.8, ls=":")
-ax.legend(fontsize=8, loc="lower left")
+ax.legend(fontsize=11, loc="lower left")
 plt.tight_layout()
 plt.show()
 
-# %% [markdown] slide
+# %% [markdown]
 # Full fine-tuning was free to change $W_q$ in all 192 directions, yet almost all of its update lies in a handful:
 # the spectrum falls by one to two orders of magnitude within the first ten singular values, where a random
 # matrix's stays flat. That is the low-rank hypothesis LoRA builds on, seen in our own run: a rank-4 update can
 # hold most of what full fine-tuning did to this matrix, and section 5.4 measured that LoRA recovers most of full
-# fine-tuning's gain over the linear probe. (One short run on one task: this illustrates the idea, it does not
+# fine-tuning's gain over the linear probe.
+
+# %% [markdown] notes
+# (One short run on one task: this illustrates the idea, it does not
 # prove it in general. The LoRA paper's own analysis, §7, looks at the learned LoRA updates of GPT-3: the top
 # directions of its $r = 8$ and $r = 64$ runs overlap strongly.)
-#
+
+# %% [markdown] slide
 # ## 6. Merging: inference at the plain model's cost
 #
 # After training, `merge_lora` writes $W \leftarrow W + \frac{\alpha}{r}B A$ into every `qkv` weight (q and v
@@ -806,9 +816,6 @@ with torch.no_grad():
     torch.testing.assert_close(fresh.forward_features(x_check)["x_norm_patchtokens"], tokens_after, rtol=1e-4, atol=1e-4)
 print("pretrained backbone + loaded LoRA tensors reproduces the fine-tuned model")
 
-# %% [markdown] skip
-# ## Result
-
 # %% skip
 # NBVAL_IGNORE_OUTPUT
 result = {
@@ -835,8 +842,8 @@ display(trace.trace(lora_model, x_tr[:2], names=["backbone.patch_embed", "backbo
 qkv0 = bb_lora.blocks[0].attn.qkv
 print({k: tuple(v.shape) for k, v in qkv0.named_parameters()})
 
-# %% [markdown] notes
-# **What to remember**
+# %% [markdown] slide
+# ### What to remember
 #
 # * LoRA learns $\Delta W = \frac{\alpha}{r} B A$ with $A$ (r × d_in), $B$ (d_out × r), $B = 0$ at start, $W$ frozen:
 #   $r(d_{in}+d_{out})$ numbers per matrix instead of $d_{in}d_{out}$.
@@ -854,8 +861,9 @@ print({k: tuple(v.shape) for k, v in qkv0.named_parameters()})
 # * Merge after training: the same outputs, the plain model's FLOPs, the plain model's keys.
 # * Measured here: on the shifted domain LoRA (0.7% of full fine-tuning's trainable parameters) recovers most of full
 #   fine-tuning's gain over a linear probe. The tiny frozen backbone itself was not hurt by the shift.
-#
-# **Exercises**
+
+# %% [markdown] skip
+# ### Exercises
 #
 # 1. Rank sweep: train LoRA with r = 1, 2, 8, 16 (keep α = 2r). Where does the score stop improving? Plot score vs
 #    trainable parameters next to the three points above.
