@@ -17,7 +17,7 @@
 # 7. **live pretraining** with `dinolab.pretrain.train` (both phases, about 25 s);
 # 8. the **shipped checkpoint**: k-NN accuracy, PCA maps and a linear patch probe, pretrained vs random init.
 #
-# Expected run time: 3–5 minutes on 2 idle CPU cores (about 25 s of it is the live pretraining, most of the rest
+# Expected run time: about 100 s on 2 idle CPU cores (about 15 s of it is the live pretraining, most of the rest
 # evaluates the shipped checkpoints).
 
 # %% slide hide-input
