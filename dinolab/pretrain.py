@@ -48,7 +48,7 @@ from .run_state import _rng_state, _set_rng_state, pick_device, save_checkpoint
 from .ssl_meta_arch import (Student, _gram_teacher_targets, _sinkhorn_global, _update_center_global, _world,
                             normalize_prototypes)
 
-__all__ = ["PretrainConfig", "CANONICAL_LOOK", "Student", "normalize_prototypes", "pick_device", "save_checkpoint",
+__all__ = ["PretrainConfig", "CANONICAL_LOOK", "Student", "export_state", "normalize_prototypes", "pick_device", "save_checkpoint",
            "train", "main"]
 
 
@@ -225,7 +225,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
         st = {"config": asdict(cfg), "step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
               "gram_teacher": None if gram_teacher is None else gram_teacher.state_dict(),
               "optimizer": opt.state_dict(), "rng": _rng_state(gens), "history": history, "evals": evals,
-              "centers": centers,
+              "centers": centers, "world": world,
               "seconds": seconds_before + time.time() - t0}
         tmp = Path(str(state_path) + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -370,6 +370,26 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
             "seconds": seconds, "step": step}
 
 
+def export_state(state_path: str | Path, out: str | Path) -> str:
+    """Write the teacher backbone of a paused run (a ``--state`` file) as a checkpoint, without training.
+
+    The sidecar is the one a finished run writes (recipe, loss history, evaluations) plus ``steps_done``:
+    how far the run had got (``steps + gram_steps`` for a finished one). Returns the sha256 of the weights.
+    """
+    state_path = Path(state_path)
+    if not state_path.is_file():
+        raise FileNotFoundError(f"no training state at {state_path}")
+    st = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file: optimizer state, RNGs
+    fields = dict(st["config"])
+    for k in ("teacher_temp", "momentum", "mask_ratio"):
+        fields[k] = tuple(fields[k])
+    cfg = PretrainConfig(**fields)
+    teacher = Student(cfg)
+    teacher.load_state_dict(st["teacher"])
+    return save_checkpoint(teacher.backbone.eval(), out, cfg, st["history"], st["seconds"], st.get("world", 1),
+                           st["evals"], extra={"steps_done": st["step"]})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = PretrainConfig()
@@ -391,7 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", default=None, help="a state file to continue from ('auto': --state if it exists)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this many steps in total")
     ap.add_argument("--init", default=None, help="start the backbone from this checkpoint (a warm start; heads fresh)")
+    ap.add_argument("--export", default=None, metavar="STATE",
+                    help="write the teacher of this paused run's state file to --out and stop (no training)")
     args = ap.parse_args(argv)
+    if args.export:
+        print(f"{args.out}: sha256 {export_state(args.export, args.out)}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -57,9 +57,9 @@ def save_fp16(backbone: nn.Module, out: str | Path, meta: dict) -> str:
 
 
 def save_checkpoint(backbone: nn.Module, out: str | Path, cfg: PretrainConfig, history: list, seconds: float,
-                    world: int = 1, evals: list | None = None) -> str:
+                    world: int = 1, evals: list | None = None, extra: dict | None = None) -> str:
     """A pretraining run's teacher backbone (``save_fp16``) with the recipe, the loss history and the evaluations."""
     return save_fp16(backbone, out, {
         "config": asdict(cfg), "world_size": world, "seconds": round(seconds, 1), "evals": evals or [],
-        "torch": torch.__version__,
+        "torch": torch.__version__, **(extra or {}),
         "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history]})

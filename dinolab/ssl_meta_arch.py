@@ -78,9 +78,9 @@ def _update_center_global(center: Tensor, logits: Tensor, momentum: float) -> Te
     _, world = _world()
     if world == 1:
         return losses.update_center(center, logits, momentum)
-    mean = logits.detach().float().mean(dim=0, keepdim=True)
-    dist.all_reduce(mean)
-    return center * momentum + mean / world * (1 - momentum)
+    mean = logits.detach().float().reshape(-1, logits.shape[-1]).mean(dim=0, keepdim=True)
+    dist.all_reduce(mean)  # the sum of the ranks' means; equal batches per rank, so / world is the global mean
+    return losses.update_center(center, mean / world, momentum)
 
 
 def _gram_teacher_targets(gram_teacher: nn.Module, images: Tensor, boxes: Tensor, flips: Tensor,

@@ -182,3 +182,56 @@ def test_centering_run_resumes_bit_for_bit_and_differs_from_sinkhorn_knopp(tmp_p
 def test_unknown_centering_is_refused():
     with pytest.raises(ValueError, match="centering"):
         train(PretrainConfig(**{**TINY, "centering": "softmax"}), log=lambda *_: None)
+
+
+def test_export_writes_the_teacher_of_a_paused_run(tmp_path):
+    cfg = PretrainConfig(**TINY)
+    state, out = tmp_path / "run.state.pt", tmp_path / "paused.pth"
+    res = train(cfg, log=lambda *_: None, state_path=state, stop_after=2)
+    from dinolab.pretrain import export_state
+
+    sha = export_state(state, out)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["sha256"] == sha and meta["steps_done"] == 2 and len(meta["history"]) == 2
+    model = hub.dinov3_vittiny16(weights=out).eval()
+    teacher_sd = res["teacher"].state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, teacher_sd[k].to(v.dtype), atol=2e-3, rtol=2e-3)  # fp16 storage
+
+
+def test_export_of_a_missing_state_is_a_clear_error(tmp_path):
+    from dinolab.pretrain import export_state
+
+    with pytest.raises(FileNotFoundError, match="no training state"):
+        export_state(tmp_path / "absent.state.pt", tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()
+
+
+def _center_rank(rank: int, world: int, port: int, logits: torch.Tensor, center: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from dinolab.ssl_meta_arch import _update_center_global
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        new = _update_center_global(center, logits.chunk(world)[rank], 0.9)
+        torch.save(new, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_centre_over_two_processes_equals_the_centre_of_the_whole_batch(tmp_path):
+    """The DINO centre under DDP is the EMA of the mean over every rank's logits (losses.update_center on the
+    concatenated batch), on every rank."""
+    import torch.multiprocessing as mp
+
+    from dinolab import losses
+
+    g = torch.Generator().manual_seed(0)
+    logits, center = torch.randn(8, 16, generator=g), torch.randn(1, 16, generator=g)
+    out = str(tmp_path / "centre")
+    mp.spawn(_center_rank, args=(2, 29531, logits, center, out), nprocs=2)
+    want = losses.update_center(center, logits, 0.9)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(f"{out}.{rank}", weights_only=True), want)
