@@ -148,7 +148,8 @@ class _Stop(Exception):
 
 def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, device: str = "auto",
           resume: str | Path | None = None, state_path: str | Path | None = None, save_every: int = 0,
-          stop_after: int | None = None, evaluate=None, init: str | Path | None = None) -> dict:
+          stop_after: int | None = None, evaluate=None, init: str | Path | None = None,
+          init_state: str | Path | None = None) -> dict:
     """Run both phases; return {"teacher": backbone, "student", "history": [...], "evals", "seconds", "step"}.
 
     ``state_path``: where the full training state (student, teacher, Gram teacher, optimizer, step, RNGs,
@@ -156,6 +157,9 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
     file to continue from (the run then equals one that was never interrupted). ``stop_after``: stop (and
     save the state) after this many steps in total, to train in chunks. ``evaluate(teacher_backbone)``: a
     function returning a dict of numbers, called every ``cfg.eval_every`` steps and at the end (curves).
+    ``init_state``: a state file of another run whose student, teacher (with heads) and centres this run starts
+    from, with a fresh optimizer and this run's own schedules. With ``steps=0`` that is a Gram phase run on its own,
+    after a phase-1 run (the official code also runs Gram anchoring as a separate stage that loads a teacher).
     """
     dev = pick_device(device)
     rank, world = _world()
@@ -200,9 +204,24 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
     grid = cfg.global_size // student.backbone.patch_size
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext)
     gram_teacher, history, evals, start, seconds_before = None, [], [], 0, 0.0
+    offset, started_from = 0, None  # set by init_state: this run's step 0 is the earlier run's step `offset`
     if cfg.centering not in ("sinkhorn_knopp", "centering"):
         raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {cfg.centering!r}")
     centers = {"cls": torch.zeros(1, cfg.head_out_dim, device=dev), "patch": torch.zeros(1, cfg.head_out_dim, device=dev)}
+    if init_state is not None:
+        if resume is not None:
+            raise ValueError("init_state starts a new run and resume continues one: pass only one of them")
+        st = torch.load(init_state, map_location=dev, weights_only=False)  # our own file: see save_state
+        if st["config"]["arch"] != cfg.arch or st["config"]["head_out_dim"] != cfg.head_out_dim:
+            raise ValueError(f"{init_state} holds a {st['config']['arch']} with K = {st['config']['head_out_dim']}; "
+                             f"this run is a {cfg.arch} with K = {cfg.head_out_dim}")
+        student.load_state_dict(st["student"]), teacher.load_state_dict(st["teacher"])
+        centers = {k: v.to(dev) for k, v in st.get("centers", centers).items()}
+        # the curves and the clock go on from the earlier run; steps are numbered after its last one
+        history, evals, seconds_before = list(st["history"]), list(st["evals"]), st["seconds"]
+        offset = st["step"] + st.get("step_offset", 0)
+        started_from = {"config": st["config"], "step": offset}
+        log(f"started from the student, teacher and heads of {init_state} (its step {st['step']})")
     if resume is not None:
         st = torch.load(resume, map_location=dev, weights_only=False)  # our own file: optimizer state, RNGs
         if st["config"] != asdict(cfg):
@@ -214,6 +233,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
             gram_teacher.load_state_dict(st["gram_teacher"])
         _set_rng_state(gens, st["rng"])
         history, evals, start, seconds_before = st["history"], st["evals"], st["step"], st["seconds"]
+        offset, started_from = st.get("step_offset", 0), st.get("started_from")
         centers = {k: v.to(dev) for k, v in st.get("centers", centers).items()}
         log(f"resumed from {resume} at step {start}")
 
@@ -225,7 +245,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
         st = {"config": asdict(cfg), "step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
               "gram_teacher": None if gram_teacher is None else gram_teacher.state_dict(),
               "optimizer": opt.state_dict(), "rng": _rng_state(gens), "history": history, "evals": evals,
-              "centers": centers, "world": world,
+              "centers": centers, "world": world, "step_offset": offset, "started_from": started_from,
               "seconds": seconds_before + time.time() - t0}
         tmp = Path(str(state_path) + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +254,7 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
 
     def run_eval(step: int) -> None:
         if evaluate is not None and rank == 0:
-            r = {"step": step, **evaluate(teacher.backbone)}
+            r = {"step": offset + step, **evaluate(teacher.backbone)}
             evals.append(r)
             log("eval " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
 
@@ -258,7 +278,8 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
                 gram_teacher = copy.deepcopy(teacher.backbone).eval()
                 if out is not None and rank == 0:  # kept to measure what the Gram phase changes (notebook 05)
                     save_checkpoint(gram_teacher, Path(out).with_name(Path(out).stem + "_phase1.pth"), cfg, history,
-                                    seconds_before + time.time() - t0, world, evals)
+                                    seconds_before + time.time() - t0, world, evals,
+                                    extra=_provenance(offset + step, started_from))
             for g in opt.param_groups:
                 g["lr"] = float(lr_sched[step])
             temp = float(temp_sched[step])
@@ -334,13 +355,13 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
                 s_ent = -(s_logp.exp() * s_logp).sum(-1).mean()
                 w = student.dino_head.last_layer.weight.float()  # a prototype direction near 0 allows the collapse
                 sv_min = torch.linalg.svdvals(w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))[-1]
-            rec = {"step": step, "loss": loss.item(), "dino": l_dino.item(), "ibot": float(l_ibot.detach()),
+            rec = {"step": offset + step, "loss": loss.item(), "dino": l_dino.item(), "ibot": float(l_ibot.detach()),
                    "teacher_entropy": t_ent.item(), "student_entropy": s_ent.item(), "prototype_sv_min": sv_min.item(),
                    "koleo": l_koleo.item(), "gram": l_gram.item(), "lr": float(lr_sched[step]), "teacher_temp": temp,
                    "seconds": seconds_before + time.time() - t0}
             history.append(rec)
             if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):
-                log(f"step {step:5d}/{total}  loss {rec['loss']:.3f}  dino {rec['dino']:.3f}  ibot {rec['ibot']:.3f}  "
+                log(f"step {offset + step:5d}/{offset + total}  loss {rec['loss']:.3f}  dino {rec['dino']:.3f}  ibot {rec['ibot']:.3f}  "
                     f"koleo {rec['koleo']:.3f}  gram {rec['gram']:.4f}  H(t) {t_ent:.2f}  H(s) {s_ent:.2f}  "
                     f"sv_min {sv_min:.3f}  "
                     f"(ln K {math.log(cfg.head_out_dim):.2f})  ({rec['seconds']:.0f} s)")
@@ -352,20 +373,21 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
             if stop["flag"]:
                 save_state(done)
                 log(f"stopped by a signal after step {step}; state saved to {state_path}")
+                stopped_at = done
                 raise _Stop
         step = end
         if end == total and (not evals or evals[-1]["step"] != total) and cfg.eval_every:
             run_eval(total)
         save_state(end)
     except _Stop:
-        step = len(history)
+        step = stopped_at
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
     seconds = seconds_before + time.time() - t0
     backbone = teacher.backbone.eval()
     if out is not None and rank == 0 and step == total:
-        save_checkpoint(backbone, out, cfg, history, seconds, world, evals)
+        save_checkpoint(backbone, out, cfg, history, seconds, world, evals, extra=_provenance(offset + step, started_from))
     return {"teacher": backbone, "student": student.backbone, "history": history, "evals": evals,
             "seconds": seconds, "step": step}
 
@@ -373,8 +395,8 @@ def train(cfg: PretrainConfig, out: str | Path | None = None, log=print, *, devi
 def export_state(state_path: str | Path, out: str | Path) -> str:
     """Write the teacher backbone of a paused run (a ``--state`` file) as a checkpoint, without training.
 
-    The sidecar is the one a finished run writes (recipe, loss history, evaluations) plus ``steps_done``:
-    how far the run had got (``steps + gram_steps`` for a finished one). Returns the sha256 of the weights.
+    The sidecar is the one a finished run writes (recipe, loss history, evaluations, ``steps_done``: the
+    steps behind the weights, counting those of an ``init_state`` run it started from). Returns the sha256 of the weights.
     """
     state_path = Path(state_path)
     if not state_path.is_file():
@@ -387,7 +409,12 @@ def export_state(state_path: str | Path, out: str | Path) -> str:
     teacher = Student(cfg)
     teacher.load_state_dict(st["teacher"])
     return save_checkpoint(teacher.backbone.eval(), out, cfg, st["history"], st["seconds"], st.get("world", 1),
-                           st["evals"], extra={"steps_done": st["step"]})
+                           st["evals"], extra=_provenance(st["step"] + st.get("step_offset", 0), st.get("started_from")))
+
+
+def _provenance(steps_done: int, started_from: dict | None) -> dict:
+    """Sidecar fields: the steps behind the weights (over every stage), and the earlier run's recipe if any."""
+    return {"steps_done": steps_done, **({"started_from": started_from} if started_from else {})}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -411,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", default=None, help="a state file to continue from ('auto': --state if it exists)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this many steps in total")
     ap.add_argument("--init", default=None, help="start the backbone from this checkpoint (a warm start; heads fresh)")
+    ap.add_argument("--init-state", default=None, help="start student, teacher and heads from another run's state "
+                    "file (fresh optimizer and schedules; with --steps 0, a Gram phase on its own)")
     ap.add_argument("--export", default=None, metavar="STATE",
                     help="write the teacher of this paused run's state file to --out and stop (no training)")
     args = ap.parse_args(argv)
@@ -442,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluate = ObjectKNN()
     try:
         train(cfg, out=args.out, device=args.device, resume=resume, state_path=state, save_every=args.save_every,
-              stop_after=args.stop_after, evaluate=evaluate, init=args.init, log=lambda *a: print(*a, flush=True))
+              stop_after=args.stop_after, evaluate=evaluate, init=args.init, init_state=args.init_state, log=lambda *a: print(*a, flush=True))
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -235,3 +235,43 @@ def test_centre_over_two_processes_equals_the_centre_of_the_whole_batch(tmp_path
     want = losses.update_center(center, logits, 0.9)
     for rank in range(2):
         torch.testing.assert_close(torch.load(f"{out}.{rank}", weights_only=True), want)
+
+
+def test_gram_phase_as_its_own_run_starts_from_a_phase1_state(tmp_path):
+    """steps=0 + init_state: the Gram teacher is the earlier run's teacher (saved as the _phase1 twin), the curves
+    go on from the earlier run's, and the sidecar says what the weights stand on."""
+    state1, out = tmp_path / "p1.state.pt", tmp_path / "gram.pth"
+    first = train(PretrainConfig(**{**TINY, "gram_steps": 0}), log=lambda *_: None, state_path=state1)
+    cfg2 = PretrainConfig(**{**TINY, "steps": 0, "gram_steps": 2, "lr": 1e-4})
+    res = train(cfg2, out=out, log=lambda *_: None, init_state=state1)
+    twin = hub.dinov3_vittiny16(weights=tmp_path / "gram_phase1.pth").state_dict()
+    for k, v in first["teacher"].state_dict().items():
+        torch.testing.assert_close(twin[k], v.to(twin[k].dtype), atol=2e-3, rtol=2e-3)
+    hist = res["history"]
+    assert [h["step"] for h in hist] == [0, 1, 2, 3, 4]
+    assert all(h["gram"] == 0 for h in hist[:3]) and all(h["gram"] > 0 for h in hist[3:])
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["steps_done"] == 5 and meta["started_from"]["step"] == 3 and meta["started_from"]["config"]["steps"] == 3
+    assert json.loads((tmp_path / "gram_phase1.json").read_text())["steps_done"] == 3
+
+
+def test_gram_run_from_a_state_resumes_bit_for_bit(tmp_path):
+    state1 = tmp_path / "p1.state.pt"
+    train(PretrainConfig(**{**TINY, "gram_steps": 0}), log=lambda *_: None, state_path=state1)
+    cfg2 = PretrainConfig(**{**TINY, "steps": 0, "gram_steps": 3})
+    straight = train(cfg2, log=lambda *_: None, init_state=state1)
+    state2 = tmp_path / "g.state.pt"
+    part = train(cfg2, log=lambda *_: None, init_state=state1, state_path=state2, stop_after=1)
+    assert part["step"] == 1
+    rest = train(cfg2, log=lambda *_: None, resume=state2, state_path=state2)
+    _same_state(rest["teacher"].state_dict(), straight["teacher"].state_dict())
+    assert [h["step"] for h in rest["history"]] == [h["step"] for h in straight["history"]] == list(range(6))
+
+
+def test_init_state_is_refused_with_resume_or_another_architecture(tmp_path):
+    state1 = tmp_path / "p1.state.pt"
+    train(PretrainConfig(**{**TINY, "gram_steps": 0, "steps": 1}), log=lambda *_: None, state_path=state1)
+    with pytest.raises(ValueError, match="only one of them"):
+        train(PretrainConfig(**TINY), log=lambda *_: None, init_state=state1, resume=state1)
+    with pytest.raises(ValueError, match="K = 64"):
+        train(PretrainConfig(**{**TINY, "head_out_dim": 32}), log=lambda *_: None, init_state=state1)
