@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,10 +57,26 @@ def save_fp16(backbone: nn.Module, out: str | Path, meta: dict) -> str:
     return sha
 
 
+def compact_history(history: list[dict], max_records: int = 1000) -> tuple[list[dict], int]:
+    """At most ``max_records`` records: the means of consecutive windows of ``every`` steps (each record keeps the
+    ``step`` of its window's first step). Returns (records, every); ``every`` is 1 when nothing was merged."""
+    every = max(1, math.ceil(len(history) / max_records))
+    if every == 1:
+        return list(history), 1
+    out = []
+    for i in range(0, len(history), every):
+        chunk = history[i:i + every]
+        keys = [k for k, v in chunk[0].items() if k != "step" and isinstance(v, (int, float))]
+        out.append({"step": chunk[0]["step"], **{k: sum(h[k] for h in chunk) / len(chunk) for k in keys}})
+    return out, every
+
+
 def save_checkpoint(backbone: nn.Module, out: str | Path, cfg: PretrainConfig, history: list, seconds: float,
                     world: int = 1, evals: list | None = None, extra: dict | None = None) -> str:
-    """A pretraining run's teacher backbone (``save_fp16``) with the recipe, the loss history and the evaluations."""
+    """A pretraining run's teacher backbone (``save_fp16``) with the recipe, the loss history and the evaluations.
+    Histories longer than 1,000 steps are stored as means over windows of ``history_every`` steps (a small sidecar)."""
+    records, every = compact_history(history)
     return save_fp16(backbone, out, {
         "config": asdict(cfg), "world_size": world, "seconds": round(seconds, 1), "evals": evals or [],
-        "torch": torch.__version__, **(extra or {}),
-        "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history]})
+        "torch": torch.__version__, **(extra or {}), "history_every": every,
+        "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in records]})

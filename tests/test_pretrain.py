@@ -275,3 +275,14 @@ def test_init_state_is_refused_with_resume_or_another_architecture(tmp_path):
         train(PretrainConfig(**TINY), log=lambda *_: None, init_state=state1, resume=state1)
     with pytest.raises(ValueError, match="K = 64"):
         train(PretrainConfig(**{**TINY, "head_out_dim": 32}), log=lambda *_: None, init_state=state1)
+
+
+def test_long_histories_are_stored_as_window_means():
+    from dinolab.run_state import compact_history
+
+    hist = [{"step": i, "loss": float(i), "dino": 2.0 * i, "note": "x"} for i in range(2500)]
+    recs, every = compact_history(hist, max_records=1000)
+    assert every == 3 and len(recs) == 834
+    assert recs[0] == {"step": 0, "loss": 1.0, "dino": 2.0} and recs[-1] == {"step": 2499, "loss": 2499.0, "dino": 4998.0}
+    short = hist[:1000]
+    assert compact_history(short, max_records=1000) == (short, 1)
