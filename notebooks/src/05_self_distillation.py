@@ -15,7 +15,8 @@
 # 5. **KoLeo**: a nearest-neighbour entropy estimate that spreads the features out;
 # 6. **Gram anchoring**: keep the patch-similarity structure of an earlier teacher;
 # 7. **live pretraining** with `dinolab.pretrain.train` (both phases, about 25 s);
-# 8. the **shipped checkpoint**: k-NN accuracy, PCA maps and a linear patch probe, pretrained vs random init.
+# 8. the **shipped checkpoint**: its recipe and learning curves, k-NN accuracy, PCA maps, a linear patch probe, what
+#    the Gram phase changed, and the official protocols against random init and a supervised control.
 #
 # Expected run time: about 100 s on 2 idle CPU cores (about 15 s of it is the live pretraining, most of the rest
 # evaluates the shipped checkpoints).
@@ -828,41 +829,87 @@ print("          Gram loss 0 in phase 1 and > 0 in the Gram phase; teacher tempe
 # %% [markdown] slide
 # ## 8. The shipped checkpoint
 #
-# `data/dinov3_tiny_shapesworld.pth` is the **teacher backbone** of a longer run of the same function
-# (`python -m dinolab.pretrain`), saved in fp16 with a JSON sidecar (recipe, loss history, sha256). We check the file
-# against its recorded sha256 and print the recipe.
+# `data/dinov3_tiny_shapesworld.pth` is the **teacher backbone** of a long run of the same function
+# (`python -m dinolab.pretrain`), saved in fp16 with a JSON sidecar (recipe, loss history, k-NN every 250 steps,
+# sha256). Its recipe is the one the pilots of this notebook's appendix and section 3.3 led to; it differs from the
+# live run above in four places, each because a measured run failed without it:
+#
+# | choice | official DINOv3 | here | why |
+# |---|---|---|---|
+# | images | ImageNet-scale photos | one object per image, 3× size | the label is the object, as in ImageNet |
+# | what two views share | colour jitter, grey, solarise on one photo | the same scene rendered in two appearances | under colour jitter the targets of two crops disagree (appendix) |
+# | teacher targets | Sinkhorn–Knopp | DINO v1 centering | SK at batch 32 stayed at ln K; centering left it |
+# | prototypes | learnt (frozen for epoch 1) | frozen at init | learnt ones open a null direction (section 3.3) |
+#
+# We check the file against its recorded sha256 and print the recipe.
 
 # %% hide-input
 DATA = Path("..") / "data"
 CKPT = DATA / "dinov3_tiny_shapesworld.pth"
-CKPT_PHASE1 = DATA / "dinov3_tiny_shapesworld_phase1.pth"  # optional: the same run's teacher before the Gram phase
+CKPT_PHASE1 = DATA / "dinov3_tiny_shapesworld_phase1.pth"  # written when a run reaches its Gram phase
 if not CKPT.exists():
     raise FileNotFoundError(f"{CKPT} is missing: make it with `python -m dinolab.pretrain` from the repository root "
                             "(recipe and sha256 in data/README.md)")
 meta = json.loads(CKPT.with_suffix(".json").read_text())
 sha = hashlib.sha256(CKPT.read_bytes()).hexdigest()
 assert sha == meta["sha256"], f"sha256 mismatch: file {sha}, sidecar {meta['sha256']}"
-rc = meta["config"]
-recipe = {"arch": rc["arch"], "steps (phase 1)": rc["steps"], "Gram steps": rc["gram_steps"],
+# a Gram phase run on its own records the phase-1 run it started from; rc is the phase-1 recipe
+gram_rc = meta["config"] if "started_from" in meta else None
+rc = meta["started_from"]["config"] if gram_rc else meta["config"]
+steps_done = meta.get("steps_done", rc["steps"] + rc["gram_steps"])
+p1_steps = meta["started_from"]["step"] if gram_rc else min(steps_done, rc["steps"])
+gram_note = (f"{gram_rc['gram_steps']:,} steps, weight {gram_rc['gram_weight']}, lr {gram_rc['lr']}, momentum "
+             f"{gram_rc['momentum'][0]}" if gram_rc else f"{steps_done - p1_steps:,} steps")
+recipe = {"arch": rc["arch"], "phase 1": f"{p1_steps:,} steps (of a {rc['steps']:,}-step schedule)", "Gram phase": gram_note,
           "batch size x processes": f"{rc['batch_size']} x {meta['world_size']}",
           "crops": f"2 x {rc['global_size']} + {rc['n_local']} x {rc['local_size']} px of {rc['image_size']} px images",
-          "objects per scene": f"1 to {rc.get('max_objects', 4)}",
+          "objects per scene": (f"{rc.get('min_objects', 1)}" if rc.get("min_objects", 1) == rc.get("max_objects", 4)
+                                else f"{rc.get('min_objects', 1)} to {rc.get('max_objects', 4)}")
+                               + f", at {rc.get('object_scale', 1.0)}× size",
+          "second appearance for the student": rc.get("appearance_p", 0.0) > 0,
+          "teacher targets": rc.get("centering", "sinkhorn_knopp"),
+          "prototypes": "frozen" if rc.get("freeze_last_layer_steps", 0) < 0 else "learnt",
           "prototypes K": rc["head_out_dim"], "lr": rc["lr"], "teacher temp": rc["teacher_temp"],
-          "momentum": rc["momentum"], "seconds": meta["seconds"], "sha256": meta["sha256"][:16] + "…"}
+          "momentum": rc["momentum"], "hours on 2 CPU cores": f"{meta['seconds'] / 3600:.1f}", "sha256": meta["sha256"][:16] + "…"}
 display(Markdown("| recipe | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in recipe.items())))
 print(f"{CKPT.name}: sha256 matches the sidecar")
 
 # %% subslide hide-input
 h_ship = meta["history"]
-fig, axes = plt.subplots(1, 5, figsize=(12.8, 3.2))
-for ax, k in zip(axes, keys):
-    ax.plot([h[k] for h in h_ship], lw=1)
-    if rc["gram_steps"]:
-        ax.axvline(rc["steps"] - 0.5, color="k", ls=":", lw=1)
-    ax.set_title(k, fontsize=10)
-    ax.set_xlabel("step", fontsize=10)
-    ax.tick_params(labelsize=10)
-fig.suptitle("the shipped run's losses (from the JSON sidecar)", fontsize=10)
+sup_meta = json.loads((DATA / "dinov3_tiny_supervised.json").read_text()) if (DATA / "dinov3_tiny_supervised.json").exists() else None
+
+
+def smooth(key: str, w: int = 50) -> tuple[list, list]:
+    """Means of `key` over windows of about w steps (per-step losses of batch 32 are noisy; long runs store their
+    history as means over `history_every` steps already): (window centres, means)."""
+    recs = [h for h in h_ship if key in h]
+    n = max(1, w // meta.get("history_every", 1))
+    wins = [recs[i:i + n] for i in range(0, len(recs) - n + 1, n)]
+    return ([sum(h["step"] for h in c) / len(c) for c in wins], [sum(h[key] for h in c) / len(c) for c in wins])
+
+
+fig, axes = plt.subplots(1, 4, figsize=(12.8, 3.4))
+for ax, k, title in zip(axes, ["dino", "ibot", "teacher_entropy"], ["DINO loss", "iBOT loss", "entropy (nats)"]):
+    ax.plot(*smooth(k), lw=1.5, label="teacher targets" if k == "teacher_entropy" else None)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if steps_done > p1_steps:
+        ax.axvline(p1_steps, color="k", ls=":", lw=1)
+axes[2].plot(*smooth("student_entropy"), lw=1.5, label="student")
+axes[2].axhline(math.log(rc["head_out_dim"]), color="k", ls=":", lw=1, label="ln K")
+axes[2].legend(fontsize=10)
+evs = meta.get("evals", [])
+axes[3].plot([e["step"] for e in evs], [e["knn20"] for e in evs], marker=".", label="self-supervised")
+if sup_meta is not None:
+    axes[3].plot([e["step"] for e in sup_meta["evals"]], [e["knn20"] for e in sup_meta["evals"]], marker=".",
+                 color="0.5", label="supervised control")
+if steps_done > p1_steps:
+    axes[3].axvline(p1_steps, color="k", ls=":", lw=1)
+axes[3].set_title("k-NN (k = 20), single objects")
+axes[3].set_xlabel("step")
+axes[3].set_ylim(0, 1)
+axes[3].legend(fontsize=10, loc="upper left")
+fig.suptitle("the shipped run, from its JSON sidecar (losses: means over 50 steps)")
 plt.tight_layout()
 plt.show()
 
@@ -1017,8 +1064,12 @@ display(Markdown("| patch features | linear probe mIoU (6 classes) | foreground 
 
 # %% [markdown] subslide
 # ### 8.4 What did the Gram phase do?
-# If the pretraining run also saved its teacher at the end of phase 1 (`data/dinov3_tiny_shapesworld_phase1.pth`),
-# the tables above include it, and we compare it with the final teacher here. Patch-feature locality is measured by the
+# As in the official code, the Gram phase is a stage of its own (`dinov3_vit7b16_gram_anchor.yaml`): it starts from the
+# phase-1 run's student, teacher and heads (`python -m dinolab.pretrain --init-state ... --steps 0 --gram-steps N`),
+# freezes a copy of that teacher as the **Gram teacher** (run on the same crops at 2× resolution), and trains with the
+# Gram loss added at weight 2, a constant learning rate and teacher momentum 0.999, the official stage's choices.
+# The phase-1 teacher is shipped too (`data/dinov3_tiny_shapesworld_phase1.pth`), so the tables above include it and
+# we compare the two here. Patch-feature locality is measured by the
 # patch probe, by how much more similar a patch is to patches of its own class than to the others, and seen in the
 # rows of the Gram matrix: the cosine similarity of one patch (on the image's main object) to every patch of its image.
 # Sharp dense features light up that object and little else.
@@ -1070,13 +1121,20 @@ else:
     print(f"no phase-1 checkpoint ({CKPT_PHASE1.name}): Gram-phase comparison skipped")
     print("same-class similarity margin:", {n: round(v, 3) for n, v in margins.items()})
 
+# %% [markdown] notes
+# Measured here, the Gram stage changed little: the k-NN, the patch probe and the same-class margin of the final
+# teacher are within about 0.015 of the phase-1 teacher's, and its Gram-matrix rows look the same. That is what Gram
+# anchoring is for: DINOv3 adds it late in very long runs, where the patch features of an unanchored model *degrade*
+# (in the paper, dense-task scores of the ViT-7B fall as training goes on while the global ones keep rising). A
+# 5,000-step run of a tiny ViT has no such degradation to undo; the anchor only keeps the structure as it was.
+
 # %% [markdown] subslide
-# ### 8.5 What the CLS token encodes instead
-# If the CLS token does not know the shape, what does it know? ShapesWorld draws every scene's look independently of its
-# shapes: the floor's hue and pattern, the wall's pattern, the number of objects
-# (`ShapesWorld.scene_attributes`, which renders nothing). The same k-NN (k = 20) on the same frozen CLS features can
-# be asked to predict each of those factors instead of the label. The floor hue is cut into 6 equal bins of the colour
-# wheel.
+# ### 8.5 Shape or colour? What the CLS token encodes
+# A self-supervised model learns whatever stays the same between its two views and differs between images. ShapesWorld
+# draws every scene's look independently of its shapes: the floor's hue and pattern, the wall's pattern
+# (`ShapesWorld.scene_attributes`, which renders nothing). So the same k-NN (k = 20) on the same frozen CLS features
+# can be asked to predict each of those factors instead of the label. A model that took the colour shortcut reads the
+# floor hue far better than the shape; the floor hue is cut into 6 equal bins of the colour wheel.
 
 # %% hide-input
 # NBVAL_IGNORE_OUTPUT
@@ -1131,34 +1189,14 @@ display(Markdown("\n".join(rows) + f"\n\n(chance for view retrieval: 1/{N_VIEWS}
 # %% [markdown] notes
 # Read the two tables together:
 #
-# * **The CLS token is a colour detector.** Even at random initialisation, the k-NN reads the floor's hue bin far
-#   above the majority rate (a random ViT's CLS is an average of colour-laden patch embeddings), and pretraining
-#   raises that further (to about 0.7 from about 0.55). The floor and wall patterns read no better than at random
-#   init, the object count rises a little, and the shape label stays at chance.
-# * **Pretraining did learn what DINO asks for, only weakly.** With crop + flip, the pretrained CLS finds its own
-#   image's other crop about half the time, against about 0.3 at random init. But under the colour jitter, greying
-#   and solarising it trained with, that falls below 0.1. To the teacher, the two crops of one image look hardly more
-#   alike than two different images.
-#
-# This is why the run stalls. Self-distillation rewards whatever stays the same between two crops of one image and
-# differs between images. In a tiny network at the start of training, that is colour, and the augmentations are
-# designed to destroy colour. Then the teacher's two crops of one image pick different prototypes, the student has
-# nothing consistent to predict, and the DINO loss hardly leaves ln K (the shipped run's loss curves at the start of
-# section 8: its last step is at 5.31, against ln 256 = 5.55).
-#
-# We measured this with `tools/pretrain_pilot.py`, which logs how often the teacher gives both global crops of an
-# image the same prototype. With the shipped recipe that stays at 0.02–0.07 for the first 100 steps. Without the
-# photometric augmentations it climbs to 0.22 within 100 steps, and the DINO loss falls to about 4.0. After 600
-# steps that run reads the floor hue at 0.75 and the shape at 0.199: it learned the colour shortcut, and still no shape.
-#
-# Real photos escape this because what stays the same across crops (fur, wheels, leaves) is tied to the class. In
-# ShapesWorld, colour is drawn independently of the class.
-#
-# Making shape easier did not help either. We tried objects 2–3× larger (`ShapesWorld(object_scale=...)`, 1–2
-# objects per scene) and hue jitter over the whole colour wheel (± 0.5). After 300–1,000 steps the shape k-NN was at
-# most 0.03 above random init (data/README.md lists every run). Shape is slow to learn here even with labels, and
-# slowest for a ViT. On single objects at 3× size, a small CNN trained on the label reached 0.50 after 300 steps and
-# 0.87 after 1,500. This tiny ViT, trained end to end on the same labels, reached 0.42 after 1,500 steps.
+# * **The shortcut is gone.** Random init already reads the floor hue well above the majority rate (a random ViT's CLS
+#   averages colour-laden patch embeddings). Pretraining raised that only a little, while the shape label rose by
+#   about 0.1. The checkpoint shipped before this recipe (appendix) did the opposite: floor hue up from about 0.55 to
+#   about 0.7, shape at chance. Two renders of one scene in different appearances leave the layout, and so the shape,
+#   as the only thing the views share.
+# * **It learned what DINO asks for.** Under crop + flip the pretrained CLS finds its own image's other crop far more
+#   often than at random init, and the same-image margin is several times larger. Under the full DINO colour
+#   augmentation, which this run never trained with, retrieval drops but stays well above random init.
 
 # %% [markdown] subslide
 # ### 8.6 The protocol DINOv3 reports, on single objects
@@ -1207,15 +1245,16 @@ display(Markdown("| backbone | " + " | ".join(cols) + " |\n|---|" + "---|" * len
 # ### Result, honestly
 # The targets we set ourselves, on the single-object split of 8.6: k-NN (k = 20) ≥ 0.90 and ≥ random init + 0.40, a
 # linear probe ≥ 0.95, and a patch probe mIoU ≥ 0.60 and ≥ random init + 0.25. **The shipped checkpoint does not reach
-# them**: its CLS features classify the shapes barely better than its own random initialisation. Section 8.5 shows why. In 500 CPU steps on batches of 32 scenes,
-# the colour-invariant targets never became consistent enough to teach anything, and the only thing the CLS token
-# learned more of is colour. Reaching the goal would take three things: a world where something class-related
-# survives the augmentations (for example shape-bound textures), far more steps at a larger batch (DINO-style
-# training needs tens of thousands; that is minutes on a GPU and days here), and a supervised control that shows the
-# tiny ViT can learn the label at all. What the run *did* learn is visible at patch
-# level: patches of the same class became more similar to each other than to other classes (the margin above roughly
-# doubles over random init), and the foreground IoU of the linear patch probe rises. The cell below asserts what holds,
-# and prints the numbers that fall short of the goal.
+# them.** After 5,720 steps (5,220 of phase 1 and 500 of the Gram stage, 2.0 hours on 2 CPU cores) its k-NN is 0.344
+# against 0.227 at random init and 0.891 for the supervised control; the linear probe reads 0.406 (random init 0.262)
+# and the patch probe 0.220 (0.118). Every number of 8.6 is above random init, and none is near the goal. The k-NN
+# curve at the start of section 8 shows why more of the same would not get there: it rose from 0.22 to 0.32 between
+# steps 750 and 2,000 and then flattened (0.33 ± 0.01 over the next 3,000 steps), while the DINO loss kept falling.
+# The student keeps getting better at predicting the teacher's targets for batches of 32, and that no longer makes
+# the features better at shape. What would close the rest, in the order we would try it: a much larger batch (a GPU:
+# the same command with `--device cuda`, or `torchrun` across several), the colour augmentations brought back as a
+# curriculum once shape is learnt, and learnt prototypes once the backbone has features (the official recipe freezes
+# them for the first epoch only). The cell below asserts what holds and prints what falls short.
 
 # %% skip
 # NBVAL_IGNORE_OUTPUT
@@ -1223,7 +1262,8 @@ ssl_p, rnd_p = protocol["self-supervised"], protocol["random init"]
 result = {"knn_acc": round(ssl_p["k-NN k=20"], 3), "knn_acc_random": round(rnd_p["k-NN k=20"], 3),
           "knn_acc_supervised": (round(protocol["supervised control"]["k-NN k=20"], 3)
                                  if "supervised control" in protocol else None),
-          "linear_acc": round(ssl_p["linear probe"], 3), "patch_miou": round(ssl_p["patch probe mIoU"], 3),
+          "linear_acc": round(ssl_p["linear probe"], 3), "linear_acc_random": round(rnd_p["linear probe"], 3),
+          "patch_miou": round(ssl_p["patch probe mIoU"], 3),
           "patch_miou_random": round(rnd_p["patch probe mIoU"], 3),
           "scenes_knn_acc": round(knn["pretrained"], 3), "scenes_knn_acc_random": round(knn["random init"], 3),
           "same_class_margin": round(margins["pretrained"], 3), "same_class_margin_random": round(margins["random init"], 3)}
@@ -1236,9 +1276,11 @@ targets = {"k-NN >= 0.90 and >= random + 0.40": result["knn_acc"] >= max(0.90, r
            "patch mIoU >= 0.60 and >= random + 0.25": result["patch_miou"] >= max(0.60, result["patch_miou_random"] + 0.25)}
 for t, ok in targets.items():
     print(f"target {t}: {'reached' if ok else 'NOT reached'}")
-# what the shipped checkpoint does achieve: sharper patch-level similarity than at init
+# what the shipped checkpoint does achieve: every protocol above its own random init
+assert result["knn_acc"] >= result["knn_acc_random"] + 0.05, result
+assert result["linear_acc"] >= result["linear_acc_random"] + 0.05, result
+assert result["patch_miou"] >= result["patch_miou_random"] + 0.04, result
 assert result["same_class_margin"] >= result["same_class_margin_random"] + 0.05, result
-assert result["knn_acc"] > 0.0 and 0.0 < result["patch_miou"] <= 1.0, result
 
 # %% [markdown] skip
 # ## 9. Summary
@@ -1267,8 +1309,9 @@ display(flow)
 # * **Gram anchoring** matches patch-to-patch cosine similarities to an earlier, frozen teacher (at 2× resolution). It
 #   is invariant to rotations and rescaling of the features, so it constrains only the dense *structure*, which long
 #   training otherwise degrades.
-# * What we ship is the **teacher** backbone. Compared with its own random initialisation, its frozen features give
-#   the k-NN and patch-probe numbers above.
+# * What we ship is the **teacher** backbone. On this hardware self-distillation learns shape only when the two views
+#   share nothing but the layout (two appearances of one scene) and the prototypes cannot open an exit (frozen); then
+#   its k-NN rises steadily, slower than a supervised model's on the same data.
 #
 # **Exercises**
 #
@@ -1282,3 +1325,27 @@ display(flow)
 #    patch's feature, nor flipping the sign of one patch's feature. What does `remove_neg=True` change in these checks?
 # 5. Rerun the live pretraining with `gram_steps=0` and `steps=50`, then compare the patch probe of the two live
 #    teachers with the code of section 8.3. (With a GPU, `embed` and the probes run there: raise `N_TRAIN`.)
+
+
+# %% [markdown] skip
+# ## Appendix: the runs that did not learn
+#
+# The checkpoint shipped before this one came from the live run's recipe made longer: 500 steps on cluttered scenes
+# (1–4 objects), the DINO colour augmentations, Sinkhorn–Knopp targets, learnt prototypes. On the single-object split
+# its k-NN was 0.224 against 0.227 at its random init. Two things held it at chance:
+#
+# * **Colour was the only thing two crops shared.** Self-distillation rewards whatever stays the same between two crops
+#   of one image and differs between images. In a tiny network at the start of training that is colour, and the
+#   augmentations are designed to destroy it. The teacher's two crops of one image picked different prototypes (the
+#   pilots logged agreement of 0.02–0.07 over the first 100 steps), the student had nothing consistent to predict, and
+#   the DINO loss stayed near ln K. Without the colour augmentations the agreement climbed to 0.22 within 100 steps,
+#   but that run learned the floor's colour (floor hue read at 0.75 after 600 steps, shape at 0.199). Real photos
+#   escape this because what stays the same across crops (fur, wheels, leaves) is tied to the class; in ShapesWorld,
+#   colour is drawn independently of the class.
+# * **The head found an exit** (section 3.3): with learnt prototypes every pilot whose views did not share colour sat
+#   at exactly ln K, because the prototypes opened a direction the head could map every image into.
+#
+# Larger objects (2–3×) and hue jitter over the whole colour wheel stayed within 0.03 of random init after 300–1,000
+# steps. The recipe of section 8 removes both causes: the two views are renders of one scene in different appearances
+# (only the layout is shared), and the prototypes stay at their random initialisation. Every run, with its numbers, is
+# listed in `data/README.md`.

@@ -747,8 +747,8 @@ for name in feats_tr:
 # %% skip
 spm_r, pe_r, vit_r = (results[k_] for k_ in ("SPM c1 (random init)", "patch embedding, up x4", "ViT last layer, up x4"))
 chance_edge = y_va[:, 0].mean().item()
-assert spm_r["edge_ap"] > max(pe_r["edge_ap"], vit_r["edge_ap"]) + 0.15 and spm_r["edge_ap"] > 4 * chance_edge
-assert spm_r["fg_ap"] > max(pe_r["fg_ap"], vit_r["fg_ap"]) + 0.2
+assert spm_r["edge_ap"] > max(pe_r["edge_ap"], vit_r["edge_ap"]) + 0.1 and spm_r["edge_ap"] > 4 * chance_edge
+assert spm_r["fg_ap"] > max(pe_r["fg_ap"], vit_r["fg_ap"]) + 0.1
 assert spm_r["edge_ap"] > results["pixels 4x4 (linear)"]["edge_ap"] + 0.15
 print("asserts passed: random c1 beats the upsampled stride-16 features and the linear 4x4 pixels "
       "at 1/4 resolution")
@@ -775,14 +775,14 @@ plt.show()
 # %% [markdown] slide
 # What the numbers say (they are recomputed on every run; the printed table is the source):
 #
-# * At 1/4 resolution, **the untrained conv stem recovers fine edges and the foreground far better** than the
+# * At 1/4 resolution, **the untrained conv stem recovers fine edges and the foreground better** than the
 #   stride-16 features upsampled, although it has a third of their channels and was never trained. Bilinear
 #   upsampling of one vector per 16 × 16 patch gives smooth blobs: it cannot put an edge *inside* a patch.
 # * The **linear 4 × 4 pixels** have the resolution but not the non-linearity: an edge or "this is saturated
 #   colour" is not a linear function of RGB values. Three conv–BN–ReLU layers supply both.
-# * The tiny ViT's features are weak in absolute terms (its pretraining is a few CPU minutes, see
-#   `data/README.md`); with real DINOv3 weights the ViT rows carry much more *semantics* — which object, which
-#   class — and the adapter's job is to combine that with the SPM's *where*. The stride problem stays: no
+# * The pretrained ViT's last layer is far ahead of its own patch embedding (it has learned where the object is;
+#   notebook 05), yet still behind c1 at this resolution. With real DINOv3 weights the ViT rows carry much more
+#   *semantics* — which object, which class — and the adapter's job is to combine that with the SPM's *where*. The stride problem stays: no
 #   backbone puts two labels into one 16 × 16 cell.
 
 # %% hide-input

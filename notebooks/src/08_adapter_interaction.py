@@ -762,9 +762,11 @@ for label, a in [("extractor only", adapter), ("injector + extractor", adapter_i
           f"train step {1e3 * t_train:7.0f} ms")
 
 # %% [markdown] skip
-# On the tiny model the injector adds some time per step (printed above; the tiny ViT is cheap next to the SPM at
-# this resolution). At ViT-L and 512 × 512 the memory table decides: the injector design must keep the whole
-# backbone's activations for backward, the extractor-only design none.
+# On the tiny model the injector costs time in the **training step** (the backward pass now runs through the ViT
+# blocks it writes into); at **inference** the two designs differ by little (printed above; a few ms of run-to-run
+# noise on this machine), so speed at inference is not the argument. At ViT-L and 512 × 512 the memory table
+# decides: the injector design must keep the whole backbone's activations for backward, the extractor-only design
+# none.
 
 # %% skip
 # NBVAL_IGNORE_OUTPUT

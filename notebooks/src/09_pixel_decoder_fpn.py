@@ -150,7 +150,8 @@ print(f"pixel decoder (official config): {count_params(decoder_L) / 1e6:.1f} M p
 #   patch — so we zoom in 2×. The adapter needs sides that are multiples of 32: f1..f4 are 32², 16², 8², 4².
 # * **adapter**: interaction blocks `[1, 2, 4, 5]` of the 6 (the official rule, `i·(depth // 4) − 1`, would give
 #   `[0, 1, 2, 3]` for 6 blocks and skip the last, best ones); 6 deformable heads (the official 16 must divide
-#   D/2 = 96); no gradient checkpointing, no drop path. The adapter stays **frozen with its random init** in this
+#   D/2 = 96; notebook 08 uses 3 heads of 32 channels, ViT-L's per-head width; both divide 96, and here we take more,
+#   narrower heads, a choice of ours); no gradient checkpointing, no drop path. The adapter stays **frozen with its random init** in this
 #   notebook (its BatchNorms calibrated on 32 images): only the decoders learn, so they all see the same inputs.
 # * **pixel decoder**: width 96 (official 2048; a multiple of 32 for GroupNorm(32)), 4 heads (official 16), FFN 192
 #   (official 4096), **1** encoder layer (official 6), 4 points — the official structure at 1/20 of the width.
@@ -450,7 +451,9 @@ print("by hand == dinolab MSDeformAttnPixelDecoder: mask_features and the 3 mult
 # The blog post's comparison, in words: deformable attention fuses **globally and adaptively** (each token chooses where
 # to read, on every level) but is **costly** and "does not preserve high-frequency detail"; the FPN is **cheap and
 # keeps spatial detail** but its fusion is **local and fixed**. Notebook 07 compared their cost at 512² with ViT-L
-# widths. Here we train them on the same frozen adapter features and measure what each one keeps:
+# widths. Here we train them on the same features and measure what each one keeps. Those features come from the
+**randomly initialised, frozen adapter** of section 1 on the tiny ViT, not from a trained one: the comparison
+measures what each fusion style makes of the same fixed inputs, not how good the adapter is.
 #
 # * **(A) pixel decoder** (the section 2 module, with one encoder layer) + a 1×1 classifier on `mask_features`,
 #   upsampled ×4 — the segmentation part of DINOv3's Mask2Former head without its query decoder;
@@ -465,7 +468,7 @@ print("by hand == dinolab MSDeformAttnPixelDecoder: mask_features and the 3 mult
 # (mean over background and object), boundary quality the boundary F-score: the fraction of predicted boundary pixels
 # within 2 px of a true one (precision) and vice versa (recall), combined.
 #
-# Inputs: f1..f4 of the frozen adapter, computed once for 128 training and 64 validation scenes (the cache makes each
+# Inputs: f1..f4 of the frozen, randomly initialised adapter, computed once for 128 training and 64 validation scenes (the cache makes each
 # training step cost only the head). Each head trains for the same 40 steps on the same batches of 8 (AdamW,
 # lr 2·10⁻³, cosine, binary cross-entropy).
 

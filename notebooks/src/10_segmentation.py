@@ -458,11 +458,10 @@ print(f"training time: linear heads {linear_seconds:.1f} s (both), pipeline {rgb
 # %% hide-input
 assert r_lin["miou"] > 0.12 and r_lin_random["miou"] > 0.12, (r_lin["miou"], r_lin_random["miou"])
 assert min(r_rgb["miou"], r_random["miou"], r_rgbd["miou"]) > 0.2, (r_rgb["miou"], r_random["miou"], r_rgbd["miou"])
-assert r_rgb["miou"] > r_lin["miou"] + 0.03  # the pipeline beats the linear head ...
-assert r_rgb["bf"] > r_lin["bf"] + 0.3  # ... and draws far better boundaries (stride 4 instead of 16)
-assert abs(r_rgb["miou"] - r_random["miou"]) < 0.08  # pretraining changes little here: the features are weak
+assert r_lin["miou"] > r_lin_random["miou"] + 0.03  # the linear head reads more from pretrained features ...
+assert r_rgb["bf"] > r_lin["bf"]  # ... and the pipeline draws better outlines (stride 4 instead of 16)
 assert abs(r_rgbd["miou"] - r_rgb["miou"]) < 0.08  # depth through the SPM: no large change in so few steps
-print("pipeline > linear head in mIoU and boundary F; pretrained ≈ random-init backbone; RGB-D ≈ RGB")
+print("linear head: pretrained > random-init backbone (mIoU); pipeline > linear head in boundary F; RGB-D ≈ RGB")
 
 # %% skip
 # NBVAL_IGNORE_OUTPUT
@@ -502,9 +501,9 @@ plt.tight_layout(rect=(0, 0.04, 1, 1))
 plt.show()
 
 # %% [markdown] subslide
-# Read the errors: the linear head, working on the 8 × 8 patch grid, marks almost nothing but background; the
-# pipeline models find the objects with clean outlines (stride 4), but often give them the wrong class — with or
-# without pretraining. Finding objects is learned from pixels; naming their shape is what the features should carry.
+# Read the errors: the linear head works on the 8 × 8 patch grid, so its objects are blocks of 16-px patches; the
+# pipeline models draw clean outlines (stride 4), but often give them the wrong class — with or without
+# pretraining. Finding objects is learned from pixels; naming their shape is what the features should carry.
 
 # %% hide-input
 fig, ax = plt.subplots(figsize=(12.8, 4.8))
@@ -522,9 +521,8 @@ plt.show()
 # ### The target, honestly
 #
 # The target set for this notebook: **mIoU ≥ 0.80** for backbone → adapter → pixel decoder → FPN head, and
-# above the official
-# linear head. The second part holds on every run (asserted above); the first does not come close on a CPU in this
-# budget. The numbers of this run:
+# above the official linear head. The first does not come close on a CPU in this budget; the second is a tie in
+# mIoU (the pipeline wins on boundaries). The numbers of this run:
 
 # %% hide-input
 # NBVAL_IGNORE_OUTPUT
@@ -541,11 +539,11 @@ display(Markdown("\n".join([
 # %% [markdown] notes
 # **Why it is out of reach here.**
 #
-# * **The frozen features do not separate the shapes.** The tiny checkpoint was pretrained for minutes on a CPU;
-#   `data/README.md` records that its k-NN accuracy (0.205) is no better than a random-init backbone's (0.215). This
-#   notebook finds the same for segmentation: pretrained and random-init backbones give about the same mIoU, with the
-#   linear head *and* with the whole pipeline. The linear head is the honest test of the features, and it stays near the
-#   "background and little else" level.
+# * **The frozen features separate the shapes only a little.** The tiny checkpoint was pretrained for two hours on
+#   2 CPU cores, on single objects; notebook 05 measures its k-NN there at 0.34 against 0.23 at random init. The
+#   linear head is the honest test of the features, and it shows the same here: 0.254 mIoU on the pretrained backbone
+#   against 0.177 on random-init features, with far better outlines (boundary F 0.54 against 0.23). The pipeline does
+#   not use that yet: after 64 steps it scores about the same on both backbones (0.254 and 0.245).
 # * **So the pipeline's score is what its trainable parts learn from pixels** (the SPM's conv stem, the
 #   interactions, the pixel decoder, the FPN head) in 64 steps × 16 scenes. That is enough for object-vs-background
 #   and for clean boundaries (high background IoU and boundary F), not for telling a circle from a ring or a square

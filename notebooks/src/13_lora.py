@@ -455,17 +455,16 @@ for (tr, te), v in shift_table.items():
     print(f"  trained on {tr:8s} tested on {te:8s} {v:.3f}")
 
 # %% hide-input
-assert shift_table["shifted", "shifted"] > shift_table["source", "source"] + 0.1
-print("the frozen tiny backbone is NOT hurt by this shift: its probe does better on the shifted domain")
+assert shift_table["source", "shifted"] < shift_table["source", "source"] - 0.08
+assert shift_table["shifted", "shifted"] > shift_table["source", "shifted"] + 0.08
+print("the probe trained on the source domain drops on the shifted one; a probe trained there recovers")
 
 # %% [markdown] notes
-# The premise fails for this checkpoint, and it is worth saying so: with the same protocol, the probe on source
-# features finds almost no foreground at all (it predicts background nearly everywhere, so its IoU is near 0),
-# while the probe on shifted features finds a good part of it. The figure in 5.1 suggests why, though we have not
-# tested it: source floors and walls are high-contrast tiles and stripes, as busy as the objects on them, while the
-# shifted backgrounds are faint noise on a dark plain, against which objects stand out. A backbone pretrained at
-# scale usually shows the expected picture (lower scores off-domain); ours is small and briefly trained
-# (data/README.md).
+# The premise holds: the probe trained on source features loses about 0.11 of foreground IoU on shifted images
+# (0.517 → 0.406), and a probe trained on shifted features gets it back (0.513). Both probes use the class-weighted
+# loss above and predict real foreground; neither collapses to background. (With the checkpoint this notebook used
+# before, a short run that had learned mostly colour, the source probe did collapse to background: features that
+# encode the object, not the floor, are what make the comparison meaningful.)
 #
 # The question that remains is the one LoRA is for: **given a few hundred labelled images of a domain, how much
 # does adapting the backbone add to a head on frozen features, and at what cost?** The linear probe trained on
@@ -535,18 +534,19 @@ linear_score = methods["linear probe"]["score"]
 lora_score = methods["LoRA r=4 (q, v)"]["score"]
 full_score = methods["full fine-tuning"]["score"]
 lora_trainable, full_trainable = methods["LoRA r=4 (q, v)"]["trainable"], methods["full fine-tuning"]["trainable"]
-assert lora_score > linear_score + 0.05, (lora_score, linear_score)
-assert full_score > linear_score + 0.05, (full_score, linear_score)
-assert lora_score - linear_score > 0.5 * (full_score - linear_score)  # more than half of full FT's gain
-assert lora_trainable < 0.1 * full_trainable
-print(f"LoRA beats the linear probe by more than 0.05 IoU and recovers more than half of full fine-tuning's gain, "
-      f"training {lora_trainable / full_trainable:.2%} of what full fine-tuning trains")
+assert lora_score > linear_score + 0.03, (lora_score, linear_score)
+assert lora_score > full_score, (lora_score, full_score)
+assert lora_trainable < 0.01 * full_trainable
+print(f"LoRA beats the linear probe by more than 0.03 IoU and beats full fine-tuning, training "
+      f"{lora_trainable / full_trainable:.2%} of what full fine-tuning trains")
 
 # %% [markdown]
-# The goal of the notebook holds: with the same head, the same 60 batches and the same pretrained weights, LoRA
-# on q and v beats the linear probe clearly and gets most of the way to full fine-tuning, with 0.7% of its
-# trainable parameters. The linear probe's loss stalls highest (below): a head on frozen features cannot
-# change what the features see; LoRA's 18k numbers in the attention are enough to change it.
+# With the same head, the same 60 batches and the same pretrained weights, LoRA on q and v beats the linear probe
+# (0.572 against 0.513) with 0.7% of full fine-tuning's trainable parameters, and it beats full fine-tuning too
+# (0.497, below the probe). The training losses (below) say why: full fine-tuning fits the 384 training images
+# about as well as LoRA, but with 2.8 M free weights it also moves what the pretrained features knew; LoRA's 18k
+# numbers in the attention can adapt the features but not undo them. The target we set (LoRA ≥ probe + 0.10) is
+# not reached: better features make the frozen probe stronger, and the gap smaller.
 
 # %% subslide hide-input
 fig, axes = plt.subplots(1, 2, figsize=(12.8, 5.0))
@@ -859,8 +859,8 @@ print({k: tuple(v.shape) for k, v in qkv0.named_parameters()})
 # * Full fine-tuning's own update of $W_q$ was concentrated in a few directions (5.7): the reason a small rank can
 #   be enough.
 # * Merge after training: the same outputs, the plain model's FLOPs, the plain model's keys.
-# * Measured here: on the shifted domain LoRA (0.7% of full fine-tuning's trainable parameters) recovers most of full
-#   fine-tuning's gain over a linear probe. The tiny frozen backbone itself was not hurt by the shift.
+# * Measured here: the shift costs a frozen probe about 0.11 IoU; on the shifted domain LoRA (0.7% of full
+#   fine-tuning's trainable parameters) beats a new probe by about 0.06 and full fine-tuning by about 0.08.
 
 # %% [markdown] skip
 # ### Exercises
