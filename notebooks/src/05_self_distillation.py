@@ -843,7 +843,7 @@ print("          Gram loss 0 in phase 1 and > 0 in the Gram phase; teacher tempe
 #
 # We check the file against its recorded sha256 and print the recipe.
 
-# %% hide-input
+# %% subslide hide-input
 DATA = Path("..") / "data"
 CKPT = DATA / "dinov3_tiny_shapesworld.pth"
 CKPT_PHASE1 = DATA / "dinov3_tiny_shapesworld_phase1.pth"  # written when a run reaches its Gram phase
