@@ -61,6 +61,15 @@ def linear_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
         return (lin(xv).argmax(1) == val_y).float().mean().item()
 
 
+def object_protocol(backbone: nn.Module, split: "ObjectKNN") -> dict[str, float]:
+    """The image-level protocols on the object-centric split: k-NN (k = 10, 20) on the normed CLS token and the
+    linear probe on [CLS ‖ mean patch] (``dinov3/eval/linear.py``'s input)."""
+    (c_tr, m_tr), (c_va, m_va) = cls_features(backbone, split.x_train), cls_features(backbone, split.x_val)
+    accs = knn_accuracies(c_tr, split.y_train, c_va, split.y_val)
+    lin = linear_probe(torch.cat([c_tr, m_tr], 1), split.y_train, torch.cat([c_va, m_va], 1), split.y_val)
+    return {**{f"k-NN k={k}": v for k, v in accs.items()}, "linear probe": lin}
+
+
 def patch_labels(mask: Tensor, patch: int = 16) -> Tensor:
     """(N, S, S) pixel classes -> (N, S/p, S/p): the most frequent class in each patch."""
     one_hot = F.one_hot(mask, NUM_CLASSES).permute(0, 3, 1, 2).float()

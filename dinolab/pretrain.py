@@ -134,6 +134,12 @@ class PretrainConfig:
     center_momentum: float = 0.9
     eval_every: int = 0  # k-NN curves during training (python -m dinolab.pretrain evaluates on the object split)
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> "PretrainConfig":
+        """The config of a JSON object (``--config``, a state file, a sidecar's ``config``): lists become the tuples
+        the pair-valued fields hold, so that ``asdict`` of the result equals the one the run wrote."""
+        return cls(**{k: (tuple(v) if k in ("teacher_temp", "momentum", "mask_ratio") else v) for k, v in fields.items()})
+
 
 # One plain appearance (PretrainConfig.teacher_canonical): every colour range collapsed to a point, flat textures.
 CANONICAL_LOOK = dict(
@@ -402,10 +408,7 @@ def export_state(state_path: str | Path, out: str | Path) -> str:
     if not state_path.is_file():
         raise FileNotFoundError(f"no training state at {state_path}")
     st = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file: optimizer state, RNGs
-    fields = dict(st["config"])
-    for k in ("teacher_temp", "momentum", "mask_ratio"):
-        fields[k] = tuple(fields[k])
-    cfg = PretrainConfig(**fields)
+    cfg = PretrainConfig.from_dict(st["config"])
     teacher = Student(cfg)
     teacher.load_state_dict(st["teacher"])
     return save_checkpoint(teacher.backbone.eval(), out, cfg, st["history"], st["seconds"], st.get("world", 1),
@@ -456,10 +459,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     fields = json.loads(args.config) if args.config else {}
     fields.update({k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None})
-    for k in ("teacher_temp", "momentum", "mask_ratio"):
-        if k in fields:
-            fields[k] = tuple(fields[k])
-    cfg = PretrainConfig(**fields)
+    cfg = PretrainConfig.from_dict(fields)
     state = args.state or str(Path("runs") / (Path(args.out).stem + ".state.pt"))  # runs/ is git-ignored
     resume = args.resume
     if resume == "auto":

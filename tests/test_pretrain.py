@@ -286,3 +286,11 @@ def test_long_histories_are_stored_as_window_means():
     assert recs[0] == {"step": 0, "loss": 1.0, "dino": 2.0} and recs[-1] == {"step": 2499, "loss": 2499.0, "dino": 4998.0}
     short = hist[:1000]
     assert compact_history(short, max_records=1000) == (short, 1)
+
+
+def test_config_from_a_json_object_equals_the_config_that_wrote_it():
+    from dataclasses import asdict
+
+    cfg = PretrainConfig(**{**TINY, "teacher_temp": (0.02, 0.04), "augment": {"color_jitter_p": 0.0}})
+    again = PretrainConfig.from_dict(json.loads(json.dumps(asdict(cfg))))
+    assert again == cfg and isinstance(again.momentum, tuple)

@@ -34,7 +34,6 @@ import copy
 import hashlib
 import json
 import math
-from dataclasses import fields
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -918,8 +917,7 @@ plt.show()
 # configuration and seed, before any step). So the comparison measures what pretraining added.
 
 # %% hide-input
-cfg_run = PretrainConfig(**{f.name: (tuple(rc[f.name]) if isinstance(rc.get(f.name), list) else rc[f.name])
-                            for f in fields(PretrainConfig) if f.name in rc})
+cfg_run = PretrainConfig.from_dict(rc)
 pretrained = hub.build(rc["arch"], weights=CKPT)  # strict load; fp16 values are copied into fp32 parameters
 torch.manual_seed(cfg_run.seed)
 random_init = Student(cfg_run).backbone  # train() seeds, then builds the Student: the same initial backbone
@@ -1225,17 +1223,13 @@ backbones = {"random init": models["random init"], "self-supervised": models["pr
 if SUPERVISED.exists():
     backbones["supervised control"] = hub.build(rc["arch"], weights=SUPERVISED).eval().to(DEVICE)
 knn_eval = evaluate.ObjectKNN()  # 2,048 train / 1,024 val single-object images
-obj_tr, obj_va = (knn_eval.x_train, knn_eval.y_train), (knn_eval.x_val, knn_eval.y_val)
 scenes_tr = ShapesWorld("train", size=128).batch(range(1024))
 scenes_va = ShapesWorld("val", size=128).batch(range(512))
 protocol = {}
 for name, bb in backbones.items():
-    (c_tr, m_tr), (c_va, m_va) = evaluate.cls_features(bb, obj_tr[0]), evaluate.cls_features(bb, obj_va[0])
-    accs = evaluate.knn_accuracies(c_tr, obj_tr[1], c_va, obj_va[1])
-    lin = evaluate.linear_probe(torch.cat([c_tr, m_tr], 1), obj_tr[1], torch.cat([c_va, m_va], 1), obj_va[1])
-    protocol[name] = {"k-NN k=10": accs[10], "k-NN k=20": accs[20], "linear probe": lin,
+    protocol[name] = {**evaluate.object_protocol(bb, knn_eval),
                       "patch probe mIoU": evaluate.patch_probe_miou(bb, scenes_tr, scenes_va)}
-majority_obj = torch.bincount(obj_va[1]).max().item() / len(obj_va[1])
+majority_obj = torch.bincount(knn_eval.y_val).max().item() / len(knn_eval.y_val)
 cols = list(next(iter(protocol.values())))
 display(Markdown("| backbone | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
                  + "\n".join(f"| {n} | " + " | ".join(f"{v[c]:.3f}" for c in cols) + " |" for n, v in protocol.items())

@@ -352,11 +352,7 @@ if SUPERVISED.exists():
     obj_backbones["supervised control"] = hub.dinov3_vittiny16(weights=SUPERVISED).to(DEVICE).eval()
 obj_res = {}
 for name, bb in obj_backbones.items():
-    (c_tr, m_tr), (c_va, m_va) = evaluate.cls_features(bb, obj.x_train), evaluate.cls_features(bb, obj.x_val)
-    accs = evaluate.knn_accuracies(c_tr, obj.y_train, c_va, obj.y_val)
-    obj_res[name] = {"linear probe (CLS ‖ mean patch)": evaluate.linear_probe(torch.cat([c_tr, m_tr], 1), obj.y_train,
-                                                                             torch.cat([c_va, m_va], 1), obj.y_val),
-                     "k-NN k=10": accs[10], "k-NN k=20": accs[20]}
+    obj_res[name] = evaluate.object_protocol(bb, obj)  # k-NN k=10, 20 and the linear probe on [CLS ‖ mean patch]
 obj_major = torch.bincount(obj.y_val).max().item() / len(obj.y_val)
 obj_cols = list(obj_res["random init"])
 display(Markdown("| backbone | " + " | ".join(obj_cols) + " |\n|---|" + "---|" * len(obj_cols) + "\n"
@@ -364,9 +360,9 @@ display(Markdown("| backbone | " + " | ".join(obj_cols) + " |\n|---|" + "---|" *
                  + f"\n| (majority class) | " + " | ".join(f"{obj_major:.3f}" for _ in obj_cols) + " |"))
 
 # %% hide-input
-OBJ_ACC = obj_res["self-supervised"]["linear probe (CLS ‖ mean patch)"]
+OBJ_ACC = obj_res["self-supervised"]["linear probe"]
 OBJ_KNN = obj_res["self-supervised"]["k-NN k=20"]
-OBJ_RAND = obj_res["random init"]["linear probe (CLS ‖ mean patch)"]
+OBJ_RAND = obj_res["random init"]["linear probe"]
 assert OBJ_ACC > OBJ_RAND + 0.05 and OBJ_KNN > obj_res["random init"]["k-NN k=20"] + 0.05, obj_res
 print("asserted: on single objects the self-supervised features beat random init by more than 0.05, "
       "in the linear probe and in the k-NN (k = 20)")
@@ -380,7 +376,7 @@ result = {"acc": round(ACC, 4), "acc_cls_only": round(ACC_CLS, 4), "knn_acc": ro
           "n_train": N_TRAIN, "n_val": N_VAL, "n_test": N_TEST, "split_reported": "test",
           "object_acc": round(OBJ_ACC, 4), "object_knn_acc_k10": round(obj_res["self-supervised"]["k-NN k=10"], 4),
           "object_knn_acc_k20": round(OBJ_KNN, 4), "object_acc_random_init": round(OBJ_RAND, 4),
-          "object_acc_supervised": (round(obj_res["supervised control"]["linear probe (CLS ‖ mean patch)"], 4)
+          "object_acc_supervised": (round(obj_res["supervised control"]["linear probe"], 4)
                                     if "supervised control" in obj_res else None)}
 print("RESULT " + json.dumps(result))
 
