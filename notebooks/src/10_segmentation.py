@@ -341,11 +341,16 @@ def predict(model: Segmenter, x: torch.Tensor, table: dict, batch_size: int = 64
     return torch.cat(preds)
 
 
+def train_and_predict(model: Segmenter, inputs: dict, table: dict) -> tuple[list, float, torch.Tensor]:
+    """Train on `table`'s cached layers, then predict the validation scenes: (loss history, seconds, predictions)."""
+    t0 = time.perf_counter()
+    hist = train_segmenter(model, inputs, table)
+    seconds = time.perf_counter() - t0
+    return hist, seconds, predict(model, inputs["val"], table)
+
+
 rgb_inputs = {"train": viz.normalize(train_set["image"]), "val": viz.normalize(val_set["image"])}
-t0 = time.perf_counter()
-hist_rgb = train_segmenter(model_rgb, rgb_inputs, cache)
-rgb_seconds = time.perf_counter() - t0
-pred_rgb = predict(model_rgb, rgb_inputs["val"], cache)
+hist_rgb, rgb_seconds, pred_rgb = train_and_predict(model_rgb, rgb_inputs, cache)
 print(f"trained {STEPS} steps x {BATCH} scenes; predictions {tuple(pred_rgb.shape)}")
 
 # %% [markdown]
@@ -354,16 +359,10 @@ print(f"trained {STEPS} steps x {BATCH} scenes; predictions {tuple(pred_rgb.shap
 
 # %% hide-input
 model_random = build_segmenter(backbone_random)
-t0 = time.perf_counter()
-hist_random = train_segmenter(model_random, rgb_inputs, cache_random)
-random_seconds = time.perf_counter() - t0
-pred_random = predict(model_random, rgb_inputs["val"], cache_random)
+hist_random, random_seconds, pred_random = train_and_predict(model_random, rgb_inputs, cache_random)
 print(f"random-init backbone: trained {STEPS} steps x {BATCH} scenes; predictions {tuple(pred_random.shape)}")
 model_sup = build_segmenter(backbone_sup)
-t0 = time.perf_counter()
-hist_sup = train_segmenter(model_sup, rgb_inputs, cache_sup)
-sup_seconds = time.perf_counter() - t0
-pred_sup = predict(model_sup, rgb_inputs["val"], cache_sup)
+hist_sup, sup_seconds, pred_sup = train_and_predict(model_sup, rgb_inputs, cache_sup)
 print(f"supervised control: trained {STEPS} steps x {BATCH} scenes; predictions {tuple(pred_sup.shape)}")
 
 # %% [markdown] slide
@@ -426,10 +425,8 @@ model_rgbd = build_segmenter(backbone_rgbd["zeros"])
 print("SPM stem conv:", tuple(model_rgbd.adapter.spm.stem[0].weight.shape), "(out, in=4, 3, 3);",
       f"trainable {count_params(model_rgbd, trainable_only=True):,} parameters "
       f"(+{count_params(model_rgbd, True) - n_train} for the depth channel)")
-t0 = time.perf_counter()
-hist_rgbd = train_segmenter(model_rgbd, rgbd_inputs, cache)  # zero-init depth weights: the RGB cache is exact
-rgbd_seconds = time.perf_counter() - t0
-pred_rgbd = predict(model_rgbd, rgbd_inputs["val"], cache)
+# zero-init depth weights: the RGB cache is exact
+hist_rgbd, rgbd_seconds, pred_rgbd = train_and_predict(model_rgbd, rgbd_inputs, cache)
 
 # %% [markdown] slide
 # ## 5. Results
