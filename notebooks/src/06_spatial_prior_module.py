@@ -508,7 +508,7 @@ for (level, r, j, start), out in zip(rf_rows, skeleton.forward_maps(x_rf)):
 # The same windows on the photo, one cell of each level:
 
 # %% slide hide-input
-fig, ax = plt.subplots(figsize=(6.4, 6.4))
+fig, ax = plt.subplots(figsize=(8.0, 8.0))
 ax.imshow(viz.to_numpy_image(photo))
 for t in range(0, 257, 16):  # the ViT's patch grid, for scale
     ax.axhline(t - 0.5, color="white", lw=0.3, alpha=0.5)

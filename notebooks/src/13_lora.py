@@ -567,7 +567,7 @@ plt.tight_layout()
 plt.show()
 
 # %% subslide hide-input
-fig, axes = plt.subplots(5, N_SHOW, figsize=(5.4, 6.0))
+fig, axes = plt.subplots(5, N_SHOW, figsize=(7.0, 7.8))
 for j in range(N_SHOW):
     axes[0, j].imshow(viz.to_numpy_image(shifted_va["image"][j]))
     axes[1, j].imshow(y_va[j].numpy(), cmap="gray", vmin=0, vmax=1)
