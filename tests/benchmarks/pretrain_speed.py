@@ -1,6 +1,7 @@
 """Where a pretraining step spends its time, and how close it runs to the machine's matmul rate.
 
     python tests/benchmarks/pretrain_speed.py [--batch-size 32] [--steps 6] [--threads N] [--config JSON]
+                                              [--sidecar data/dinov3_tiny_shapesworld.json]
 
 Times the stages of one step of ``dinolab.pretrain`` with a ``PretrainConfig`` (default: the shipped recipe,
 phase 1): rendering (ShapesWorld, and the re-render when ``appearance_p`` > 0), multi-crop, teacher forward,
@@ -10,6 +11,11 @@ is compared with a 2048 x 2048 fp32 matmul measured in the same process, so the 
 what else the machine is doing at the time as much as a raw time would. Last line:
 
     pretrain: N img/s, X GFLOP/s = U of the fp32 matmul rate
+
+``--sidecar``: time the recipe a shipped checkpoint was trained with (its phase-1 configuration). The line before
+the last splits the step's time between the matrix products (``aten::mm``, ``addmm``, ``bmm`` and the attention
+kernel, measured by ``torch.profiler`` over the timed steps) and everything else, with the rate the products alone
+reach: U can be no larger than that rate times their share of the step, whatever the rest costs.
 """
 from __future__ import annotations
 
@@ -49,13 +55,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--config", default="{}", help="PretrainConfig fields as JSON")
+    ap.add_argument("--sidecar", default=None, help="a checkpoint's JSON sidecar: time its (phase-1) recipe")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    fields = json.loads(args.config)
+    fields = {}
+    if args.sidecar:
+        side = json.loads(Path(args.sidecar).read_text())
+        fields = dict((side.get("started_from") or side)["config"])
+        fields.update(steps=1000, gram_steps=0, eval_every=0)
+    fields.update(json.loads(args.config))
     if args.batch_size:
         fields["batch_size"] = args.batch_size
-    cfg = PretrainConfig(**fields)
+    cfg = PretrainConfig.from_dict(fields)
     B = cfg.batch_size
     torch.manual_seed(0)
     student = Student(cfg)
@@ -69,6 +81,7 @@ def main() -> None:
     dino, ibot, koleo = losses.DINOLoss(cfg.head_out_dim), losses.iBOTPatchLoss(), losses.KoLeoLoss()
     grid = cfg.global_size // 16
     g = torch.Generator().manual_seed(0)
+    center = torch.zeros(1, cfg.head_out_dim)
     stages = {k: [] for k in ("render", "crops", "teacher", "student fwd + loss", "student bwd", "optim + EMA")}
 
     def step(i: int, timed: bool, count_flops: bool = False) -> float:
@@ -85,8 +98,12 @@ def main() -> None:
         with fc if fc is not None else contextlib.nullcontext():
             with torch.no_grad():
                 t_out = teacher(crops["global_crops"], None, masks, mask_inputs=False)
-                tp = losses.sinkhorn_knopp(t_out["global_logits"], 0.03).view(2, B, -1)
-                tpp = losses.sinkhorn_knopp(t_out["patch_logits"], 0.03)
+                if cfg.centering == "centering":
+                    tp = losses.softmax_center_teacher(t_out["global_logits"], center, 0.04).view(2, B, -1)
+                    tpp = losses.softmax_center_teacher(t_out["patch_logits"], center, 0.04)
+                else:
+                    tp = losses.sinkhorn_knopp(t_out["global_logits"], 0.03).view(2, B, -1)
+                    tpp = losses.sinkhorn_knopp(t_out["patch_logits"], 0.03)
             mark()
             s = student(crops["global_crops"], crops["local_crops"], masks)
             loss = (dino(s["local_logits"].view(cfg.n_local, B, -1), tp) + dino(s["global_logits"].view(2, B, -1), tp,
@@ -107,8 +124,13 @@ def main() -> None:
         return fc.get_total_flops() if fc is not None else 0.0
 
     flops = step(0, timed=False, count_flops=True)
-    for i in range(1, args.steps + 1):
-        step(i, timed=True)
+    step(1, timed=False)
+    matmul_ops = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(2, args.steps + 2):
+            step(i, timed=True)
+    matmul_s = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in matmul_ops) / 1e6 / args.steps
     med = {k: statistics.median(v) for k, v in stages.items()}
     total = sum(med.values())
     peak = matmul_gflops()
@@ -117,6 +139,9 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:20s} {v * 1e3:8.1f} ms  {v / total:5.1%}")
     rate = flops / total / 1e9
+    mm_rate = flops / matmul_s / 1e9  # the step's FLOPs are (almost all) in these products
+    print(f"  matrix products {matmul_s / total:.0%} of the step at {mm_rate:.0f} GFLOP/s = {mm_rate / peak:.2f} of the "
+          f"fp32 matmul rate; everything else {1 - matmul_s / total:.0%} (U would be {mm_rate / peak:.2f} if it took no time)")
     print(f"  model FLOPs per step {flops / 1e9:.1f} G; 2048^2 fp32 matmul {peak:.0f} GFLOP/s")
     print(f"pretrain: {B / total:.1f} img/s, {rate:.1f} GFLOP/s = {rate / peak:.2f} of the fp32 matmul rate")
 
