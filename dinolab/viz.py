@@ -137,3 +137,61 @@ def pca_rgb(features: Tensor, n_components: int = 3, mask: Tensor | None = None)
     hi = torch.quantile(proj, 0.98, dim=0, keepdim=True)
     proj = ((proj - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
     return proj.reshape(*features.shape[:-1], n_components)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Box-and-arrow diagrams (the SPM in 06, MSDeformAttn in 07, the pixel decoder in 09, the DPT head in 11)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Fills of the boxes: inputs / outputs grey, learnt layers blue, reshapes and sums orange, attention or fusion green.
+DIAGRAM_FILLS = {"io": "#e6e6e6", "blue": "#cde2f2", "orange": "#fbe6c6", "green": "#cdeedf", "white": "white"}
+
+
+def diagram_canvas(width: float = 128, height: float = 72):
+    """A figure that fills a 16:9 slide with one axes in diagram units: x in [0, ``width``], y in [0, ``height``]
+    (the default 128 x 72 is 10 units per inch of the 12.8 x 7.2 in figure). Returns (fig, ax)."""
+    import matplotlib.pyplot as plt
+
+    if width <= 0 or height <= 0:
+        raise ValueError(f"diagram_canvas needs a positive width and height, got {width} x {height}")
+    fig = plt.figure(figsize=(12.8, 12.8 * height / width))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set(xlim=(0, width), ylim=(0, height))
+    ax.axis("off")
+    return fig, ax
+
+
+def diagram_box(ax, x: float, y: float, w: float, h: float, text: str, fill: str = "io", *, fontsize: float = 12,
+                dashed: bool = False, rounding: float = 1.0) -> dict:
+    """A rounded box centred on (x, y), ``w`` x ``h`` diagram units, with centred ``text``. ``fill``: a key of
+    ``DIAGRAM_FILLS`` or any matplotlib colour; ``dashed``: a grey dashed outline and grey text (something the model
+    does not have, drawn for contrast). Returns its anchors: {"t", "b", "l", "r"}: the middles of its four sides."""
+    from matplotlib.patches import FancyBboxPatch
+
+    if w <= 0 or h <= 0:
+        raise ValueError(f"diagram_box needs a positive size, got {w} x {h}")
+    if fontsize < MIN_FONT_PT:
+        raise ValueError(f"fontsize {fontsize} is below the series' minimum of {MIN_FONT_PT} pt")
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle=f"round,pad=0,rounding_size={rounding}",
+                                fc=DIAGRAM_FILLS.get(fill, fill), ec="0.6" if dashed else "0.3", lw=1.2,
+                                ls=(0, (4, 3)) if dashed else "-"))
+    ax.text(x, y, text, ha="center", va="center", fontsize=fontsize, linespacing=1.25,
+            color="0.5" if dashed else "black")
+    return {"t": (x, y + h / 2), "b": (x, y - h / 2), "l": (x - w / 2, y), "r": (x + w / 2, y)}
+
+
+def diagram_arrow(ax, p0, p1, *, dashed: bool = False, color: str = "0.25", lw: float = 1.3, shrink: float = 0.0,
+                  head: float = 15, label: str = "", label_at: float = 0.5, dx: float = 0.0, dy: float = 0.6,
+                  ha: str = "center", fontsize: float = 10, label_color: str = "0.3", family: str | None = None):
+    """An arrow from ``p0`` to ``p1`` (diagram units; ``diagram_box`` anchors fit). ``label``: text placed at
+    ``label_at`` of the way along, shifted by (``dx``, ``dy``), bottom-aligned. Returns the label's Text or None."""
+    if fontsize < MIN_FONT_PT:
+        raise ValueError(f"fontsize {fontsize} is below the series' minimum of {MIN_FONT_PT} pt")
+    ax.annotate("", xy=p1, xytext=p0, arrowprops=dict(
+        arrowstyle="-|>", lw=lw, color="0.6" if dashed else color, shrinkA=shrink, shrinkB=shrink,
+        mutation_scale=head, ls=(0, (4, 3)) if dashed else "-"))
+    if not label:
+        return None
+    x = p0[0] + label_at * (p1[0] - p0[0]) + dx
+    y = p0[1] + label_at * (p1[1] - p0[1]) + dy
+    return ax.text(x, y, label, ha=ha, va="bottom", fontsize=fontsize, color=label_color, family=family)

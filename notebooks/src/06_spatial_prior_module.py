@@ -59,9 +59,6 @@ print("device type:", DEVICE.type)
 CKPT = tiny_checkpoint()  # data/dinov3_tiny_shapesworld.pth, or $DINOLAB_CKPT
 
 # %% slide hide-input
-from matplotlib.patches import FancyBboxPatch
-
-
 def draw_spm_in_adapter(adapter, x):
     """Where the SPM sits in DINOv3's adapter. Shapes come from one forward pass of `adapter` on `x` (forward
     hooks on the SPM, the interaction blocks and `up`), block indexes and head counts from its attributes."""
@@ -86,24 +83,15 @@ def draw_spm_in_adapter(adapter, x):
     def sh(t):
         return "[" + ", ".join(str(v) for v in t.shape) + "]"
 
-    fig = plt.figure(figsize=(12.8, 7.2))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set(xlim=(0, 128), ylim=(0, 72))
-    ax.axis("off")
-    fill = {"io": "#e6e6e6", "spm": "#fbe6c6", "vit": "#cde2f2", "ext": "#cdeedf", "inj": "white"}
+    fig, ax = viz.diagram_canvas()  # 128 x 72 units on a 16:9 slide
+    F = viz.DIAGRAM_FILLS
+    fill = {"io": F["io"], "spm": F["orange"], "vit": F["blue"], "ext": F["green"], "inj": F["white"]}
 
     def box(x, y, w, h, text, kind, fontsize=12, dashed=False):
-        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=1.0",
-                                    fc=fill[kind], ec="0.6" if dashed else "0.3", lw=1.2,
-                                    ls=(0, (4, 3)) if dashed else "-"))
-        ax.text(x, y, text, ha="center", va="center", fontsize=fontsize, linespacing=1.25,
-                color="0.5" if dashed else "black")
-        return {"t": (x, y + h / 2), "b": (x, y - h / 2), "l": (x - w / 2, y), "r": (x + w / 2, y)}
+        return viz.diagram_box(ax, x, y, w, h, text, fill[kind], fontsize=fontsize, dashed=dashed)
 
     def arrow(p0, p1, dashed=False, color="0.25"):
-        ax.annotate("", xy=p1, xytext=p0, arrowprops=dict(
-            arrowstyle="-|>", lw=1.3, color="0.6" if dashed else color, shrinkA=0, shrinkB=0, mutation_scale=15,
-            ls=(0, (4, 3)) if dashed else "-"))
+        viz.diagram_arrow(ax, p0, p1, dashed=dashed, color=color)
 
     # the frozen ViT: one cell per block, the blocks the extractors read highlighted
     x0, x1, yv, hv = 40, 96, 62, 6

@@ -401,9 +401,6 @@ torch.testing.assert_close(out_ours, out_peer, atol=1e-12, rtol=0)
 print("by hand == dinolab MSDeformAttn == transformers DeformableDetrMultiscaleDeformableAttention  (assert passed)")
 
 # %% slide hide-input
-from matplotlib.patches import FancyBboxPatch
-
-
 def draw_msdeform_flow(m, query, refs, feat, shapes):
     """MSDeformAttn as boxes and arrows. Shapes come from one forward pass of `m` on the example above (hooks on
     its four Linear layers) and from its attributes, so the labels follow the example's sizes."""
@@ -427,26 +424,20 @@ def draw_msdeform_flow(m, query, refs, feat, shapes):
     def sh(*s):
         return "[" + ", ".join(str(v) for v in s) + "]"
 
-    fig = plt.figure(figsize=(12.8, 7.2))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set(xlim=(0, 128), ylim=(0, 72))
-    ax.axis("off")
-    fill = {"io": "#e6e6e6", "linear": "#cde2f2", "reshape": "#fbe6c6", "core": "#cdeedf"}
+    fig, ax = viz.diagram_canvas()  # 128 x 72 units on a 16:9 slide
+    F = viz.DIAGRAM_FILLS
+    fill = {"io": F["io"], "linear": F["blue"], "reshape": F["orange"], "core": F["green"]}
 
     def box(x, y, w, text, kind, h=7.0):
-        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=1.2",
-                                    fc=fill[kind], ec="0.3", lw=1.2))
-        ax.text(x, y, text, ha="center", va="center", fontsize=12, linespacing=1.25)
-        return {"t": (x, y + h / 2), "b": (x, y - h / 2), "l": (x - w / 2, y), "r": (x + w / 2, y)}
+        return viz.diagram_box(ax, x, y, w, h, text, fill[kind], rounding=1.2)
 
     def arrow(p0, p1, shape="", what="", dx=1.0, dy=0.0, at=0.5, ha="left"):
-        ax.annotate("", xy=p1, xytext=p0, arrowprops=dict(arrowstyle="-|>", lw=1.4, color="0.25",
-                                                          shrinkA=1, shrinkB=1, mutation_scale=16))
-        if shape:
-            x, y = p0[0] + at * (p1[0] - p0[0]) + dx, p0[1] + at * (p1[1] - p0[1]) + dy
-            ax.text(x, y, shape, ha=ha, va="bottom", fontsize=11, family="monospace", color=viz.COLORS[0])
-            if what:
-                ax.text(x, y - 0.4, what, ha=ha, va="top", fontsize=10, color="0.35")
+        # a tensor's shape along the arrow (monospace), and what its axes are just under it
+        t = viz.diagram_arrow(ax, p0, p1, lw=1.4, shrink=1, head=16, label=shape, label_at=at, dx=dx, dy=dy, ha=ha,
+                              fontsize=11, label_color=viz.COLORS[0], family="monospace")
+        if t is not None and what:
+            x, y = t.get_position()
+            ax.text(x, y - 0.4, what, ha=ha, va="top", fontsize=10, color="0.35")
 
     R1, R2, R3, R4, R5 = 60, 47, 34, 21, 8
     ax.text(64, 69.5, f"MSDeformAttn(d_model={m.d_model}, n_levels={L_}, n_heads={M_}, n_points={P_}) on the "

@@ -200,7 +200,7 @@ print(f"{count_params(pixel_decoder):,} parameters; encoder levels (coarse first
       f"FPN level: {pixel_decoder.fpn_feature!r}")
 
 # %% slide hide-input
-from matplotlib.patches import Circle, FancyBboxPatch
+from matplotlib.patches import Circle
 
 
 def draw_pixel_decoder(dec, feats, image_size):
@@ -228,24 +228,15 @@ def draw_pixel_decoder(dec, feats, image_size):
     def stride(t):
         return f"1/{image_size // t.shape[-1]}"
 
-    fig = plt.figure(figsize=(12.8, 7.2))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set(xlim=(0, 128), ylim=(0, 72))
-    ax.axis("off")
-    fill = {"io": "#e6e6e6", "conv": "#cde2f2", "add": "#fbe6c6", "enc": "#cdeedf"}
+    fig, ax = viz.diagram_canvas()  # 128 x 72 units on a 16:9 slide
+    F = viz.DIAGRAM_FILLS
+    fill = {"io": F["io"], "conv": F["blue"], "add": F["orange"], "enc": F["green"]}
 
     def box(x, y, w, h, text, kind, fontsize=11):
-        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=1.0",
-                                    fc=fill[kind], ec="0.3", lw=1.2))
-        ax.text(x, y, text, ha="center", va="center", fontsize=fontsize, linespacing=1.25)
-        return {"t": (x, y + h / 2), "b": (x, y - h / 2), "l": (x - w / 2, y), "r": (x + w / 2, y)}
+        return viz.diagram_box(ax, x, y, w, h, text, fill[kind], fontsize=fontsize)
 
     def arrow(p0, p1, label="", dx=0.0, dy=0.6, ha="center"):
-        ax.annotate("", xy=p1, xytext=p0, arrowprops=dict(arrowstyle="-|>", lw=1.3, color="0.25", shrinkA=0,
-                                                          shrinkB=0, mutation_scale=15))
-        if label:
-            ax.text((p0[0] + p1[0]) / 2 + dx, (p0[1] + p1[1]) / 2 + dy, label, ha=ha, va="bottom", fontsize=10,
-                    color="0.3")
+        viz.diagram_arrow(ax, p0, p1, label=label, dx=dx, dy=dy, ha=ha)
 
     C = DINOV3_M2F_CONFIG
     ax.text(64, 69, f"MSDeformAttnPixelDecoder as built here: conv_dim {dec.conv_dim}, {n_layers} encoder "
