@@ -190,25 +190,14 @@ torch.testing.assert_close(f_va[-1][0][:2], feats2[-1][0].cpu(), rtol=1e-4, atol
 # %% [markdown] slide
 # ## 3. The DPT head, step by step
 #
-# ```
-#  4 × (patch map [B,D,8,8], cls [B,D])              (blocks 2, 3, 4, 5)
-#     │  reassemble, per level i: readout (cls) → BN → 1×1 conv D→pp_i → resize
-#     │     ×4 (ConvT k4 s4) | ×2 (ConvT k2 s2) | ×1 | ÷2 (conv 3×3 s2)
-#     ▼
-#  pyramid [B,pp_0,32,32] [B,pp_1,16,16] [B,pp_2,8,8] [B,pp_3,4,4]   (strides 4, 8, 16, 32)
-#     │  convs[i]: 3×3 conv pp_i → C
-#     ▼
-#  fusion, coarsest first: out = fusion_0(level 3); out = fusion_i(out, level 3−i)   each ×2 → [B,C,64,64]
-#     │  project: 3×3 conv + ReLU
-#     ▼
-#  conv_depth (UpConvHead): 3×3 C→C/2 → ×2 → 3×3 → hidden → ReLU → 1×1 → n_bins    [B,n_bins,128,128]
-# ```
-#
 # `dinolab.depth_head.DPTHead` follows `dinov3/eval/depth/models/dpt_head.py` (official parameter names, so official
 # checkpoints load). The official ViT-7B depther uses `channels=512`, `post_process_channels=[2048]*4`,
 # `use_batchnorm=True`, readout "ignore" and 256 bins. For D = 192 and a CPU budget we shrink the widths (our choice)
 # and keep the official structure; we use the readout "project" (the official default of `DPTHead`, and the CHMv2
 # head's choice) so the cls token informs every patch.
+#
+# The figure after the next cell draws the whole head with the shapes of one forward pass on two validation images;
+# 3.1–3.3 then compute each stage by hand and check it against the module.
 
 # %% hide-input
 N_BINS, MIN_DEPTH, MAX_DEPTH = 32, 0.5, 11.0
@@ -220,6 +209,83 @@ print("DPTHead(" + ", ".join(f"{k}={v}" for k, v in HEAD_KW.items()) + ")")
 print(f"{count_params(dpt):,} trainable parameters")
 for name, mod in dpt.named_children():
     print(f"  {name:20s} {count_params(mod):>8,}")
+
+# %% subslide hide-input
+def draw_dpt_head(head, inputs, layers, image_size, to_depth):
+    """The DPT head as boxes and arrows. Shapes come from one forward pass of `head` on `inputs` (forward hooks on
+    the reassemble block, the convs, the fusion blocks, project and conv_depth), widths from its attributes."""
+    seen = {}
+
+    def keep(name):
+        return lambda mod, args, out: seen.__setitem__(name, out)
+
+    parts = {"reassemble": head.reassemble_blocks, "project": head.project, "conv_depth": head.conv_depth,
+             **{f"conv{i}": m for i, m in enumerate(head.convs)},
+             **{f"fusion{i}": m for i, m in enumerate(head.fusion_blocks)}}
+    handles = [m.register_forward_hook(keep(n)) for n, m in parts.items()]
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        bins_out = head(inputs)
+        depth_out = to_depth(bins_out)
+    head.train(was_training)
+    for h in handles:
+        h.remove()
+
+    def sh(t):
+        return "[" + ", ".join(str(v) for v in t.shape) + "]"
+
+    def stride(t):
+        return f"1/{image_size // t.shape[-1]}"
+
+    fig, ax = viz.diagram_canvas()  # 128 x 72 units on a 16:9 slide
+    F_ = viz.DIAGRAM_FILLS
+    box = lambda x, y, w, h, text, fill, fs=11: viz.diagram_box(ax, x, y, w, h, text, F_[fill], fontsize=fs)  # noqa: E731
+    arrow = lambda p0, p1, label="", **kw: viz.diagram_arrow(ax, p0, p1, label=label, **kw)  # noqa: E731
+    rb = head.reassemble_blocks
+    ax.text(64, 69.5, f"DPTHead(channels={head.channels}, post_process_channels={head.post_process_channels}, "
+            f"readout \"{rb.readout_type}\") on {inputs[0][0].shape[0]} images of {image_size}×{image_size}",
+            ha="center", va="center", fontsize=13)
+    resize = {"ConvTranspose2d": "ConvT k{k} s{s}: ×{s}", "Identity": "identity: ×1", "Conv2d": "conv 3×3 s2: ÷2"}
+    rows = [57, 44, 31, 18]  # level 0 (finest) at the top, level 3 (coarsest) at the bottom
+    conv_boxes = []
+    for i, (y, (pm, cls)) in enumerate(zip(rows, inputs)):
+        inp = box(9, y, 16, 9, f"block {layers[i]}\nmap {sh(pm)}\ncls {sh(cls)}", "io", fs=10)
+        m = rb.resize_layers[i]
+        r = resize[type(m).__name__].format(k=getattr(m, "kernel_size", (0,))[0], s=getattr(m, "stride", (0,))[0])
+        rea = box(31, y, 21, 9, f"readout + BN\n1×1 conv {pm.shape[1]} → {head.post_process_channels[i]}\n{r}",
+                  "blue", fs=10)
+        arrow(inp["r"], rea["l"])
+        cv = box(66, y, 12, 9, f"convs[{i}]\n3×3 → {head.channels}", "blue", fs=10)
+        arrow(rea["r"], cv["l"], sh(seen["reassemble"][i]) + f"  {stride(seen['reassemble'][i])}", dy=0.5)
+        conv_boxes.append(cv)
+    # fusion from the coarsest level up: fusion_blocks[k] sits on the row of level 3 - k
+    fus = []
+    for k in range(len(head.fusion_blocks)):
+        y = rows[3 - k]
+        f = box(87, y, 16, 9, f"fusion_blocks[{k}]\n" + ("RCU, ×2, 1×1" if k == 0 else "+ RCU(skip), RCU\n×2, 1×1"),
+                "green", fs=10)
+        arrow(conv_boxes[3 - k]["r"], f["l"])
+        if fus:
+            prev = fus[-1]
+            arrow(prev["t"], f["b"], sh(seen[f"fusion{k - 1}"]), dx=1.0, ha="left", label_at=0.15, dy=0.0)
+        fus.append(f)
+    pr = box(116, 57, 20, 8, "project\n3×3 conv + ReLU", "blue", fs=10)
+    arrow(fus[-1]["r"], pr["l"], sh(seen[f"fusion{len(fus) - 1}"]).replace(", ", ","), dy=0.5)
+    cd = box(116, 41, 20, 11, "conv_depth\n3×3 → ×2 → 3×3\n→ ReLU → 1×1", "blue", fs=10)
+    arrow(pr["b"], cd["t"], sh(seen["project"]), dx=-1.0, ha="right", dy=0.0)
+    bd = box(116, 22, 20, 9, "bins → depth\nΣ_k w_k · bin_k", "orange", fs=10)
+    arrow(cd["b"], bd["t"], sh(bins_out), dx=-1.0, ha="right", dy=0.0)
+    out = box(116, 8, 20, 7, f"depth\n{sh(depth_out)}", "io", fs=10)
+    arrow(bd["b"], out["t"])
+    ax.text(56, 8, "RCU: pre-activation residual conv unit, x + conv(relu(conv(relu(x))))\n"
+            f"strides relative to the {image_size}-px input; the backbone's map is 1/{image_size // inputs[0][0].shape[-1]}",
+            ha="center", va="center", fontsize=11, color="0.3")
+    plt.show()
+
+
+draw_dpt_head(dpt, [(pm[:2].to(DEVICE), c[:2].to(DEVICE)) for pm, c in f_va], LAYERS, val["image"].shape[-1],
+              FeaturesToDepth(MIN_DEPTH, MAX_DEPTH, "log", "linear"))
 
 # %% [markdown] subslide
 # ### 3.1 Reassemble
