@@ -272,11 +272,18 @@ print(f"formula: H*W - floor(H/16)*16 * floor(W/16)*16 = {250 * 220} - {Hc}*{Wc}
 assert n_dropped == 250 * 220 - Hc * Wc
 assert not used[Hc:, :].any() and not used[:, Wc:].any() and used[:Hc, :Wc].all()
 
-fig, ax = plt.subplots(figsize=(6, 5.2))
-viz.draw_patch_grid(ax, img_odd, lw=0.3, title=f"250 x 220: {n_dropped} pixels never seen (red)")
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 5.2))
 shade = np.zeros((*used.shape, 4))
 shade[~used.cpu().numpy()] = (1.0, 0.0, 0.0, 0.6)
-ax.imshow(shade, interpolation="nearest")
+viz.draw_patch_grid(axes[0], img_odd, lw=0.3, title=f"250 x 220: {n_dropped} pixels never seen (red)")
+axes[0].imshow(shade, interpolation="nearest")
+Z = 40  # the bottom-right corner, where the last full patch ends
+viz.draw_patch_grid(axes[1], img_odd, lw=1.0)
+axes[1].imshow(shade, interpolation="nearest")
+axes[1].set_xlim(220 - Z - 0.5, 220 - 0.5)
+axes[1].set_ylim(250 - 0.5, 250 - Z - 0.5)
+axes[1].set_title(f"zoom on the last {Z} x {Z} px: {250 - Hc} rows, {220 - Wc} columns cut")
+axes[0].add_patch(plt.Rectangle((220 - Z - 0.5, 250 - Z - 0.5), Z, Z, fill=False, ec="yellow", lw=2))
 fig.tight_layout()
 plt.show()
 
