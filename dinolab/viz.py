@@ -1,4 +1,5 @@
-"""Figures the notebooks share: the one figure style, the series map, the sample photo, token grids, PCA maps.
+"""Figures the notebooks share: the one figure style, the series map, the sample photo, token grids, PCA maps,
+box-and-arrow diagrams (``diagram_canvas``, ``diagram_box``, ``diagram_arrow``).
 
 Every notebook calls ``viz.use_style()`` in its set-up cell, so all figures are drawn for a projector: PNG at
 100 dpi, no text below 10 pt, a colour-blind-safe colour cycle. nbval ignores PNG bytes, so figures never
