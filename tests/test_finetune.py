@@ -103,3 +103,21 @@ def test_command_line_stops_and_resumes(tmp_path, capsys):
     assert res["step"] == 3 and out.exists() and "resumed from" in capsys.readouterr().out
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["config"]["steps"] == 3 and meta["config"]["optimizer"] == "sgd"
+
+
+SHIPPED = sorted(p for p in (finetune.DATA).glob("*.pth") if p.with_suffix(".json").exists()
+                 and json.loads(p.with_suffix(".json").read_text()).get("task") in finetune.TASKS)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_heads_match_their_sidecar_and_load(path):
+    """Every head in data/ is the file its sidecar describes (sha256, recipe) and loads onto its named backbone."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    cfg = FinetuneConfig(**meta["config"])
+    assert (cfg.task, cfg.head, cfg.backbone) == (meta["task"], meta["head"], meta["backbone"])
+    assert path.name.startswith(finetune.TASKS[cfg.task]) and path.stem.endswith(cfg.backbone)
+    model = load(path)  # checks the sha256 and that every saved tensor fits
+    assert sum(v.numel() for v in trained_state_dict(model).values()) >= meta["trainable_params"]
+    steps = [c["step"] for c in meta["curves"]]
+    assert steps == sorted(steps) and steps[-1] == cfg.steps and len(meta["history"]) == cfg.steps
+    assert meta["final"] == {k: v for k, v in meta["curves"][-1].items() if k != "step"}
