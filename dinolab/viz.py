@@ -196,3 +196,9 @@ def diagram_arrow(ax, p0, p1, *, dashed: bool = False, color: str = "0.25", lw: 
     x = p0[0] + label_at * (p1[0] - p0[0]) + dx
     y = p0[1] + label_at * (p1[1] - p0[1]) + dy
     return ax.text(x, y, label, ha=ha, va="bottom", fontsize=fontsize, color=label_color, family=family)
+
+
+def shape_label(x) -> str:
+    """A tensor's shape as the diagrams print it: ``[2, 192, 8, 8]`` (also for a torch.Size or a tuple of sizes)."""
+    dims = x.shape if hasattr(x, "shape") else x
+    return "[" + ", ".join(str(v) for v in dims) + "]"

@@ -49,3 +49,11 @@ def test_arrow_label_sits_along_the_arrow():
     t = viz.diagram_arrow(ax, (0, 0), (10, 20), label="[B, N, D]", label_at=0.25, dx=1, dy=0)
     assert t.get_position() == (3.5, 5.0) and t.get_text() == "[B, N, D]"
     plt.close(fig)
+
+
+def test_shape_label():
+    import torch
+
+    assert viz.shape_label(torch.zeros(2, 192, 8, 8)) == "[2, 192, 8, 8]"
+    assert viz.shape_label(torch.Size([3])) == "[3]"
+    assert viz.shape_label((2, "H_l", 4)) == "[2, H_l, 4]"
