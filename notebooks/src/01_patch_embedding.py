@@ -526,7 +526,7 @@ print("shift 16 px: new token (r, c) == old token (r, c + 1) for all 14 x 13 sha
 # ## 9. Summary
 #
 # The shape table of the component (`dinolab.trace`), as the ViT uses it (`flatten_embedding=False`),
-# for ViT-S at 224 and for the seed's setting (ViT-L, B = 4, 512×512) on the meta device:
+# for ViT-S at 224 and for the dense-prediction setting of notebooks 06–10 (ViT-L, B = 4, 512×512) on the meta device:
 
 # %%
 trace(PatchEmbed(embed_dim=384, flatten_embedding=False), torch.empty(1, 3, 224, 224))

@@ -80,8 +80,7 @@ def draw_spm_in_adapter(adapter, x):
     n_extra = sum(len(b.extra_extractors) for b in adapter.interactions if b.extra_extractors is not None)
     H = x.shape[-1]
 
-    def sh(t):
-        return "[" + ", ".join(str(v) for v in t.shape) + "]"
+    sh = viz.shape_label
 
     fig, ax = viz.diagram_canvas()  # 128 x 72 units on a 16:9 slide
     F = viz.DIAGRAM_FILLS

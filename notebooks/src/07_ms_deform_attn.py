@@ -422,7 +422,7 @@ def draw_msdeform_flow(m, query, refs, feat, shapes):
     assert seen["sampling_offsets"][1][-1] == M_ * L_ * P_ * 2 and seen["attention_weights"][1][-1] == M_ * L_ * P_
 
     def sh(*s):
-        return "[" + ", ".join(str(v) for v in s) + "]"
+        return viz.shape_label(s)
 
     fig, ax = viz.diagram_canvas()  # 128 x 72 units on a 16:9 slide
     F = viz.DIAGRAM_FILLS
