@@ -139,6 +139,42 @@ print(f"pixel decoder (official config): {count_params(decoder_L) / 1e6:.1f} M p
 # * "6 layers, 16 heads, dim = 4096": the width is **2048**; 4096 is the FFN's hidden size
 #   (`DINOV3_M2F_CONFIG["dim_feedforward"]`).
 
+# %% subslide hide-input
+def draw_dense_stack():
+    """The whole dense stack at the blog post's setting, every shape from the meta-device run above."""
+    with torch.no_grad():
+        vit_maps = backbone_L.get_intermediate_layers(x_L, n=adapter_L.interaction_indexes, reshape=True)
+    sh = viz.shape_label
+    fig, ax = viz.diagram_canvas()
+    box = lambda x, y, w, h, text, fill, **kw: viz.diagram_box(ax, x, y, w, h, text, fill, fontsize=11, **kw)  # noqa: E731
+    arrow = lambda p0, p1, label="", **kw: viz.diagram_arrow(ax, p0, p1, label=label, **kw)  # noqa: E731
+    ax.text(64, 68.5, f"The dense stack at ViT-L/16, batch {x_L.shape[0]}, {x_L.shape[-1]} × {x_L.shape[-1]} "
+            "(shapes from the meta-device run above)", ha="center", va="center", fontsize=13)
+    img = box(11, 55, 18, 8, f"image\n{sh(x_L)}", "io")
+    vit = box(44, 55, 38, 8, f"ViT-L/16, {len(backbone_L.blocks)} blocks, frozen\n"
+              f"blocks {', '.join(map(str, adapter_L.interaction_indexes))} → 4 × {sh(vit_maps[0])}", "blue")
+    arrow(img["r"], vit["l"])
+    ad = box(44, 36, 30, 12, f"adapter: SPM (conv stem)\n+ {len(adapter_L.interactions)} interaction blocks\n"
+             "(extractors only)", "orange")
+    arrow(vit["b"], ad["t"])
+    arrow((img["b"][0], img["b"][1]), (ad["l"][0], ad["l"][1]), label="pixels → SPM", dx=-4, dy=0.8, label_at=0.5)
+    pyr = box(44, 14, 34, 14, "\n".join(f"f{i} {sh(feats_L[str(i)])}  1/{2 ** (i + 1)}" for i in range(1, 5)), "io")
+    arrow(ad["b"], pyr["t"])
+    pd = box(89, 36, 30, 12, f"pixel decoder\n{len(decoder_L.encoder.encoder.layers)} deformable encoder layers on "
+             "f2–f4\n+ FPN step with f1", "green")
+    arrow(pyr["r"], (pd["b"][0], pd["b"][1]))
+    mf = box(89, 55, 30, 8, f"mask_features {sh(mask_features_L)}\nmulti_scale: 3 maps, "
+             f"{multi_scale_L[0].shape[-1]}² … {multi_scale_L[-1].shape[-1]}²", "io")
+    arrow(pd["t"], mf["b"])
+    fpn = box(118, 44, 18, 10, f"FPN head\n(this series)\n→ {sh(out_L)}", "blue")
+    m2f = box(118, 20, 18, 12, "Mask2Former\nquery decoder\n(DINOv3;\nnotebook 14)", "white", dashed=True)
+    arrow(mf["r"], fpn["t"])
+    arrow((mf["r"][0], mf["r"][1] - 2), m2f["l"], dashed=True)
+    plt.show()
+
+
+draw_dense_stack()
+
 # %% [markdown] slide
 # ## 2. Build the pixel decoder step by step
 #
@@ -222,8 +258,7 @@ def draw_pixel_decoder(dec, feats, image_size):
     attn, n_layers = layers[0].self_attn, len(layers)
     tokens = seen["enc"][0]
 
-    def sh(t):
-        return "[" + ", ".join(str(v) for v in t.shape) + "]"
+    sh = viz.shape_label
 
     def stride(t):
         return f"1/{image_size // t.shape[-1]}"
