@@ -6,7 +6,7 @@
 # scenes into six classes (background, circle, square, triangle, star, ring), trained on a CPU. We compare it with
 # what the official repository actually trains, the **linear head**
 # (`dinov3/eval/segmentation/models/heads/linear_head.py`: BatchNorm + 1×1 conv on the backbone's patch maps), and try
-# the seed's **RGB-D early fusion**: depth as a fourth input channel.
+# **RGB-D early fusion**, a design of this series (not DINOv3's): depth as a fourth input channel.
 #
 # 1. **Data and the frozen backbone**: scenes, masks, depth; the backbone's four interaction layers computed *once*
 #    — for the pretrained tiny backbone and, to see what pretraining contributes, for the same architecture at
@@ -217,9 +217,9 @@ with torch.no_grad():
 #
 # What is official and what is not: the adapter and the pixel decoder are DINOv3's modules (parameter names included).
 # DINOv3's own segmentation model (Mask2Former, `dinov3/eval/segmentation/models/heads/mask2former_head.py`) puts a
-# query-based transformer decoder after the pixel decoder; the FPN head is the seed's design instead. The seed's FPN
-# decoder reads only the three `multi_scale_features` and predicts at stride 8 (notebook 09); we also give it
-# `mask_features` as its finest level, so it predicts at stride 4 (our choice).
+# query-based transformer decoder after the pixel decoder (notebook 14 builds it); the FPN head is this series' lighter
+# design instead. In notebook 09 the FPN decoder reads only the three `multi_scale_features` and predicts at
+# stride 8; here we also give it `mask_features` as its finest level, so it predicts at stride 4 (our choice).
 #
 # **Training on cached features.** The official adapter calls `backbone.get_intermediate_layers(x, n=..., return_class_token=True)`
 # under `no_grad` — nothing flows back into the backbone. So a stand-in module that *returns the cached outputs* for
@@ -368,7 +368,7 @@ print(f"supervised control: trained {STEPS} steps x {BATCH} scenes; predictions 
 # %% [markdown] slide
 # ## 4. RGB-D: depth as a fourth input channel
 #
-# The seed's pipeline fuses RGB and depth **early**: the network sees a 4-channel image. For a ViT that means a
+# Our pipeline fuses RGB and depth **early**: the network sees a 4-channel image. For a ViT that means a
 # 4-channel **patch embedding**: `Conv2d(4, D, 16, stride=16)`, whose first three input channels take the pretrained
 # RGB weights. What should the fourth (depth) channel's weights start as?
 #
@@ -474,6 +474,67 @@ assert r_rgb["bf"] > r_lin["bf"]  # ... and the pipeline draws better outlines (
 assert abs(r_rgbd["miou"] - r_rgb["miou"]) < 0.08  # depth through the SPM: no large change in so few steps
 print("linear head: pretrained > random-init backbone (mIoU); pipeline > linear head in boundary F; RGB-D ≈ RGB")
 
+# %% [markdown] slide
+# ### 5.1 The pipeline trained longer, offline
+#
+# Sixty-four steps is what fits in this notebook. `python -m dinolab.finetune segmentation --head fpn --backbone
+# ssl|supervised|random` trains the same pipeline (adapter + pixel decoder + FPN head, the same recipe) for 1,500 steps
+# on 2,048 scenes and writes its trained part in fp16 with a sidecar (recipe, held-out curve, time, sha256) to `data/`;
+# `dinolab.finetune.load` rebuilds the model and checks the sha256. Scored here on the same 128 validation scenes:
+
+# %% hide-input
+from dinolab import finetune
+
+long_seg = {}
+for bb, label in (("random", "random-init"), ("ssl", "pretrained"), ("supervised", "supervised control")):
+    path = TINY_CHECKPOINT.with_name(f"seg_fpn_{bb}.pth")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = finetune.load(path, device=DEVICE)
+    with torch.no_grad():
+        pred = torch.cat([model(viz.normalize(val_set["image"][i:i + 32]).to(DEVICE)).argmax(1).cpu()
+                          for i in range(0, N_VAL, 32)])
+    m, iou = miou(pred, target, K, per_class=True)
+    long_seg[label] = dict(miou=m, iou=iou, bf=boundary_fscore(pred, target, tolerance_px=2), pred=pred, meta=meta)
+    c = meta["config"]
+    print(f"data/seg_fpn_{bb}.pth: {c['steps']:,} steps × {c['batch_size']} on {c['n_train']:,} scenes")
+
+# %% subslide hide-input
+# NBVAL_IGNORE_OUTPUT
+live = {"random-init": r_random, "pretrained": r_rgb, "supervised control": r_sup}
+rows = ["| pipeline, backbone | mIoU, 64 steps (above) | mIoU, 1,500 steps (shipped) | " + " | ".join(f"IoU {n}" for n in NAMES)
+        + " | boundary F |", "|---|---|---|" + "---|" * K + "---|"]
+for label, r in long_seg.items():
+    rows.append(f"| {label} | {live[label]['miou']:.3f} | **{r['miou']:.3f}** | "
+                + " | ".join(f"{v:.2f}" for v in r["iou"].tolist()) + f" | {r['bf']:.3f} |")
+display(Markdown("\n".join(rows)))
+
+# %% subslide hide-input
+fig, ax = plt.subplots(figsize=(12.8, 4.2))
+for j, (label, r) in enumerate(long_seg.items()):
+    ev = r["meta"]["curves"]
+    ax.plot([e["step"] for e in ev], [e["miou"] for e in ev], "o-", color=f"C{j}", label=f"{label} backbone")
+ax.axhline(0.80, color="k", ls=":", lw=1, label="mIoU 0.80")
+ax.set_xlabel("training step (batches of 16 scenes)")
+ax.set_ylabel("held-out mIoU")
+ax.set_ylim(0, 1)
+ax.set_title("the pipeline trained offline: held-out mIoU during training")
+ax.legend(fontsize=11, ncol=2)
+plt.tight_layout()
+plt.show()
+ssl_l, rand_l, sup_l = (long_seg[k] for k in ("pretrained", "random-init", "supervised control"))
+ev = ssl_l["meta"]["curves"]
+display(Markdown(
+    f"Trained {ssl_l['meta']['config']['steps'] // STEPS}× longer on {ssl_l['meta']['config']['n_train'] // N_TRAIN}× "
+    f"more scenes, the pipeline on the self-supervised backbone goes from {r_rgb['miou']:.3f} to {ssl_l['miou']:.3f} "
+    f"mIoU (goal 0.80: **{'reached' if ssl_l['miou'] >= 0.80 else 'not reached'}**; its curve still rose by "
+    f"{ev[-1]['miou'] - ev[-2]['miou']:+.3f} over the last {ev[-1]['step'] - ev[-2]['step']} steps). On random-init "
+    f"features the same training reaches {rand_l['miou']:.3f}, on the supervised control's {sup_l['miou']:.3f}. "
+    + (f"So at this budget the pretrained features are worth {ssl_l['miou'] - rand_l['miou']:+.3f} mIoU over random "
+       "init, and labels would add " f"{sup_l['miou'] - ssl_l['miou']:+.3f} more."
+       if ssl_l["miou"] - rand_l["miou"] > 0.03 else
+       "So at this budget the pipeline learns the shapes mostly from the pixels, through its own trainable parts (the "
+       "SPM's convolutions, the interactions, the pixel decoder), and the frozen features add little.")))
+
 # %% skip
 # NBVAL_IGNORE_OUTPUT
 print("RESULT " + json.dumps({"miou": round(r_rgb["miou"], 4), "miou_linear": round(r_lin["miou"], 4),
@@ -483,7 +544,11 @@ print("RESULT " + json.dumps({"miou": round(r_rgb["miou"], 4), "miou_linear": ro
                               "miou_linear_supervised": round(r_lin_sup["miou"], 4),
                               "boundary_f": round(r_rgb["bf"], 4), "boundary_f_linear": round(r_lin["bf"], 4),
                               "boundary_f_rgbd": round(r_rgbd["bf"], 4), "steps": STEPS, "train_images": N_TRAIN,
-                              "val_images": N_VAL}))
+                              "val_images": N_VAL, "miou_shipped": round(long_seg["pretrained"]["miou"], 4),
+                              "miou_shipped_random_init": round(long_seg["random-init"]["miou"], 4),
+                              "miou_shipped_supervised": round(long_seg["supervised control"]["miou"], 4),
+                              "boundary_f_shipped": round(long_seg["pretrained"]["bf"], 4),
+                              "steps_shipped": long_seg["pretrained"]["meta"]["config"]["steps"]}))
 
 # %% [markdown] slide
 # Predictions on validation scenes: class colours as in section 1, over the image in grey.
@@ -534,14 +599,17 @@ plt.show()
 # ### The target, honestly
 #
 # The target set for this notebook: **mIoU ≥ 0.80** for backbone → adapter → pixel decoder → FPN head, and
-# above the official linear head. The first does not come close on a CPU in this budget; the second is a tie in
-# mIoU (the pipeline wins on boundaries). The numbers of this run:
+# above the official linear head. Neither this run nor the heads trained 23× longer offline (section 5.1) come close
+# on a CPU; the second is a tie in mIoU in this run (the pipeline wins on boundaries). The numbers:
 
 # %% hide-input
 # NBVAL_IGNORE_OUTPUT
 display(Markdown("\n".join([
     "| | goal | measured |", "|---|---|---|",
-    f"| mIoU, backbone → adapter → pixel decoder → FPN head | ≥ 0.80 | {r_rgb['miou']:.3f} |",
+    f"| mIoU, backbone → adapter → pixel decoder → FPN head | ≥ 0.80 | {r_rgb['miou']:.3f} ({STEPS} steps); "
+    f"{long_seg['pretrained']['miou']:.3f} (shipped, {long_seg['pretrained']['meta']['config']['steps']:,} steps) |",
+    f"| the same, shipped, on random-init / supervised features | — | {long_seg['random-init']['miou']:.3f} / "
+    f"{long_seg['supervised control']['miou']:.3f} |",
     f"| above the linear head | yes | {r_rgb['miou']:.3f} vs {r_lin['miou']:.3f}: "
     f"{'yes' if r_rgb['miou'] > r_lin['miou'] else 'no'} |",
     f"| what pretraining adds (pretrained − random init) | — | pipeline {r_rgb['miou'] - r_random['miou']:+.3f}, "
@@ -566,6 +634,7 @@ display(Markdown("\n".join([
 #   interactions, the pixel decoder, the FPN head) in 64 steps × 16 scenes. That is enough for object-vs-background
 #   and for clean boundaries (high background IoU and boundary F), not for telling a circle from a ring or a square
 #   from a triangle: the shape-class IoUs stay low, and the loss curves are still falling slowly when training stops.
+#   Section 5.1 shows what 23× more steps do.
 # * **Resolution.** A 128-px crop is 8 × 8 patches; an object covers a few patches, so the ViT sees its outline at a
 #   resolution of 16 px.
 #
@@ -593,7 +662,7 @@ display(Markdown("\n".join([
 #   SPM; a mean-initialised depth channel changes the frozen features with no way to learn from them.
 # * Settings that are ours, for a CPU: 2× zoomed 128-px crops, interaction layers `[1, 2, 4, 5]`, class-weighted
 #   cross-entropy, small widths (SPM 16, pixel decoder 64 with 1 encoder layer, FPN 64), 64 steps; the FPN head
-#   after the pixel decoder is the seed's design (DINOv3 puts Mask2Former's query decoder there). The adapter's and
+#   after the pixel decoder is this series' design (DINOv3 puts Mask2Former's query decoder there). The adapter's and
 #   the pixel decoder's structure and parameter names are the official ones.
 
 # %% [markdown] skip
