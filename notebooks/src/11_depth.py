@@ -232,8 +232,7 @@ def draw_dpt_head(head, inputs, layers, image_size, to_depth):
     for h in handles:
         h.remove()
 
-    def sh(t):
-        return "[" + ", ".join(str(v) for v in t.shape) + "]"
+    sh = viz.shape_label
 
     def stride(t):
         return f"1/{image_size // t.shape[-1]}"
@@ -622,22 +621,33 @@ plt.show()
 # ### 6.1 Depth maps and error maps
 
 # %% hide-input
+def draw_maps(axes, cols, show, **imshow_kw):
+    """Rows: the validation images `show`; columns: (title, [N, S, S] maps, or None for the image itself).
+    Returns the last map's image, for a colour bar."""
+    im = None
+    for r, i in enumerate(show):
+        for c, (name, arr) in enumerate(cols):
+            ax = axes[r, c]
+            if arr is None:
+                ax.imshow(viz.to_numpy_image(val["image"][i]))
+            else:
+                im = ax.imshow(arr[i].numpy(), **imshow_kw)
+            if r == 0:
+                ax.set_title(name, fontsize=12)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return im
+
+
 show = [0, 3, 5]
 cols = [("image", None), ("ground truth", d_va), ("per-row mean", pred_row),
         ("linear head", preds["linear head, pretrained backbone"]), ("DPT head", p_dpt)]
 fig, axes = plt.subplots(len(show), len(cols) + 1, figsize=(11.5, 5.3))
 fig.subplots_adjust(left=0.02, right=0.86, wspace=0.08, hspace=0.25)
+im_d = draw_maps(axes, cols, show, cmap="magma_r", vmin=0.5, vmax=10)
 for r, i in enumerate(show):
-    for c, (name, arr) in enumerate(cols):
-        ax = axes[r, c]
-        if arr is None:
-            ax.imshow(viz.to_numpy_image(val["image"][i]))
-        else:
-            im_d = ax.imshow(arr[i].numpy(), cmap="magma_r", vmin=0.5, vmax=10)
-            if c > 1:
-                ax.set_xlabel(f"AbsRel {absrel(arr[i], d_va[i]):.3f}", fontsize=11)
-        if r == 0:
-            ax.set_title(name, fontsize=12)
+    for c, (name, arr) in enumerate(cols[2:], start=2):
+        axes[r, c].set_xlabel(f"AbsRel {absrel(arr[i], d_va[i]):.3f}", fontsize=11)
     err = ((p_dpt[i] - d_va[i]).abs() / d_va[i]).numpy()
     im_e = axes[r, -1].imshow(err, cmap="inferno", vmin=0, vmax=0.5)
     if r == 0:
@@ -657,6 +667,72 @@ plt.show()
 # dominated by them (see the "AbsRel on objects" column). Recovering the objects' depth needs features that
 # localise the shapes finely; this backbone sees them at its 16-px patch grid, and the head trains for a few minutes.
 
+# %% [markdown] slide
+# ### 6.2 The same heads trained longer, offline
+#
+# The runs above train for a minute and a half. `python -m dinolab.finetune depth --head dpt --backbone ssl|supervised|random`
+# trains the same DPT head with the same recipe for longer, on more scenes (4,096 instead of 1,024, batches of 16,
+# 3,000 steps), and writes the head in fp16 with a sidecar (recipe, held-out curve, time, sha256) to `data/`;
+# `dinolab.finetune.load` rebuilds backbone + head from the two files and checks the sha256. Scored here on the same
+# 256 validation scenes as above.
+
+# %% hide-input
+from dinolab import finetune
+
+shipped = {}
+for bb, label in (("random", "random-init"), ("ssl", "pretrained"), ("supervised", "supervised")):
+    path = TINY_CHECKPOINT.with_name(f"depth_dpt_{bb}.pth")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = finetune.load(path, device=DEVICE)
+    with torch.no_grad():
+        pr = torch.cat([model(viz.normalize(val["image"][i:i + 64]).to(DEVICE))[:, 0].cpu() for i in range(0, N_VAL, 64)])
+    m = metrics(pr, d_va)
+    m.update(absrel_obj=absrel(pr[obj], d_va[obj]), absrel_bg=absrel(pr[~obj], d_va[~obj]), pred=pr, meta=meta)
+    shipped[label] = m
+    c = meta["config"]
+    print(f"data/depth_dpt_{bb}.pth: {c['steps']:,} steps × {c['batch_size']} on {c['n_train']:,} scenes, "
+          f"{meta['seconds'] / 60:.0f} min on the {meta['device'].upper()}")
+
+# %% subslide hide-input
+# NBVAL_IGNORE_OUTPUT
+rows = ["| DPT head, on 256 val images | backbone | AbsRel ↓ | δ1 ↑ | RMSE (m) ↓ | AbsRel on objects | AbsRel on floor + wall |",
+        "|---|---|---|---|---|---|---|", f"| per-row mean depth (no image) | — | {base_s['absrel']:.3f} | {base_s['delta1']:.3f} | "
+        f"{base_s['rmse']:.3f} | {base_s['absrel_obj']:.3f} | {base_s['absrel_bg']:.3f} |"]
+for label, live_name in (("random-init", "DPT head, random-init backbone"), ("pretrained", "DPT head, pretrained backbone"),
+                         ("supervised", "DPT head, supervised backbone")):
+    for kind, m in ((f"{STEPS_DPT} steps × {BATCH_DPT} (above)", scores[live_name]), ("3,000 steps × 16 (shipped)", shipped[label])):
+        rows.append(f"| {kind} | {label} | **{m['absrel']:.3f}** | {m['delta1']:.3f} | {m['rmse']:.3f} | {m['absrel_obj']:.3f} | "
+                    f"{m['absrel_bg']:.3f} |")
+display(Markdown("\n".join(rows)))
+
+# %% subslide hide-input
+fig, ax = plt.subplots(figsize=(12.8, 4.6))
+for j, (label, m) in enumerate(shipped.items()):
+    ev = m["meta"]["curves"]
+    ax.plot([e["step"] for e in ev], [e["absrel"] for e in ev], "o-", color=f"C{j}", label=f"{label} backbone")
+ax.axhline(base_s["absrel"], color="0.5", ls=":", label="per-row mean depth")
+ax.axhline(0.6 * base_s["absrel"], color="k", ls="--", lw=1, label="0.6 × the row prior")
+ax.axhline(0.08, color="C3", ls="--", lw=1, label="AbsRel 0.08")
+ax.set_xlabel("training step (batches of 16 scenes)")
+ax.set_ylabel("held-out AbsRel")
+ax.set_title("DPT heads trained offline: held-out AbsRel during training")
+ax.legend(fontsize=11, ncol=2)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown] subslide
+# **Residual maps**: the truth and each shipped head minus the row prior, i.e. what the image adds to the floor
+# (red: farther than the row's mean depth, blue: nearer).
+
+# %% hide-input
+cols = [("image", None), ("truth\n− row prior", d_va - pred_row)] + [
+    (f"{label} head\n− row prior", shipped[label]["pred"] - pred_row) for label in ("random-init", "pretrained", "supervised")]
+fig, axes = plt.subplots(len(show), len(cols), figsize=(9.6, 4.9))
+fig.subplots_adjust(left=0.01, right=0.9, wspace=0.06, hspace=0.12, top=0.92, bottom=0.02)
+im_r = draw_maps(axes, cols, show, cmap="RdBu_r", vmin=-3, vmax=3)
+fig.colorbar(im_r, cax=fig.add_axes([0.915, 0.1, 0.015, 0.75]), label="depth − row prior (m)")
+plt.show()
+
 # %% skip
 # NBVAL_IGNORE_OUTPUT
 result = {"absrel": round(dpt_s["absrel"], 4), "delta1": round(dpt_s["delta1"], 4), "rmse": round(dpt_s["rmse"], 4),
@@ -668,7 +744,12 @@ result = {"absrel": round(dpt_s["absrel"], 4), "delta1": round(dpt_s["delta1"], 
           "delta1_supervised": round(scores["DPT head, supervised backbone"]["delta1"], 4),
           "row_prior_absrel": round(base_s["absrel"], 4), "row_prior_delta1": round(base_s["delta1"], 4),
           "row_prior_rmse": round(base_s["rmse"], 4),
-          "head": "DPTHead", "bins": N_BINS, "steps": STEPS_DPT, "batch": BATCH_DPT, "n_train": N_TRAIN, "n_val": N_VAL}
+          "head": "DPTHead", "bins": N_BINS, "steps": STEPS_DPT, "batch": BATCH_DPT, "n_train": N_TRAIN, "n_val": N_VAL,
+          "absrel_shipped": round(shipped["pretrained"]["absrel"], 4), "delta1_shipped": round(shipped["pretrained"]["delta1"], 4),
+          "absrel_shipped_random_init": round(shipped["random-init"]["absrel"], 4),
+          "absrel_shipped_supervised": round(shipped["supervised"]["absrel"], 4),
+          "delta1_shipped_supervised": round(shipped["supervised"]["delta1"], 4),
+          "steps_shipped": shipped["pretrained"]["meta"]["config"]["steps"]}
 print("RESULT " + json.dumps(result))
 
 # %% [markdown] slide
@@ -676,28 +757,42 @@ print("RESULT " + json.dumps(result))
 
 # %% hide-input
 # NBVAL_IGNORE_OUTPUT
-ok = dpt_s["delta1"] >= 0.90 and dpt_s["absrel"] <= 0.10
+def reached(m):
+    return m["delta1"] >= 0.95 and m["absrel"] <= 0.08 and m["absrel"] <= 0.6 * base_s["absrel"]
+
+
+ok, ship_s = reached(dpt_s), shipped["pretrained"]
 grid_gt = F.interpolate(F.interpolate(d_va[:, None], size=(S // 16, S // 16), mode="area"), size=(S, S),
                         mode="bilinear", align_corners=False)[:, 0]
 oracle = metrics(grid_gt, d_va)  # an "oracle" that knows the true depth, but only at the 8 × 8 patch grid
 display(Markdown(
-    f"**Target**: δ1 ≥ 0.90 and AbsRel ≤ 0.10 on ShapesWorld depth. **Measured** (DPT head, frozen tiny "
-    f"backbone, {N_TRAIN} training images, {STEPS_DPT} steps): δ1 = {dpt_s['delta1']:.3f}, "
-    f"AbsRel = {dpt_s['absrel']:.3f}, RMSE = {dpt_s['rmse']:.3f} m: the goal is "
-    f"**{'reached' if ok else 'not reached'}**. For comparison, the per-row mean depth, which never looks at the image, "
+    f"**Target**: δ1 ≥ 0.95, AbsRel ≤ 0.08, and AbsRel at most 0.6 × the row prior's ({0.6 * base_s['absrel']:.3f}) on "
+    f"ShapesWorld depth. **Measured** (DPT head, frozen self-supervised tiny backbone): in this notebook's run "
+    f"({N_TRAIN} training images, {STEPS_DPT} steps) δ1 = {dpt_s['delta1']:.3f}, AbsRel = {dpt_s['absrel']:.3f}, "
+    f"RMSE = {dpt_s['rmse']:.3f} m: **{'reached' if ok else 'not reached'}**; the shipped head "
+    f"({ship_s['meta']['config']['n_train']:,} images, {ship_s['meta']['config']['steps']:,} steps) δ1 = "
+    f"{ship_s['delta1']:.3f} ({'reached' if ship_s['delta1'] >= 0.95 else 'not reached'}), AbsRel = "
+    f"{ship_s['absrel']:.3f} = {ship_s['absrel'] / base_s['absrel']:.2f} × the row prior "
+    f"(**{'reached' if reached(ship_s) else 'not reached'}** as a whole). For comparison, the per-row mean depth, which never looks at the image, "
     f"scores δ1 = {base_s['delta1']:.3f}, AbsRel = {base_s['absrel']:.3f}; the linear head "
     f"δ1 = {lin_s['delta1']:.3f}, AbsRel = {lin_s['absrel']:.3f} (random-init backbone: AbsRel {lin_r['absrel']:.3f}). "
     f"The same DPT head on random-init features: AbsRel {scores['DPT head, random-init backbone']['absrel']:.3f}; on the "
     f"supervised control's: AbsRel {scores['DPT head, supervised backbone']['absrel']:.3f}, "
     f"δ1 {scores['DPT head, supervised backbone']['delta1']:.3f}.\n\n"
     f"Why: the objects remain the largest error (AbsRel {base_s['absrel_obj']:.3f} for the row prior → "
-    f"{dpt_s['absrel_obj']:.3f}), far above the floor and wall ({base_s['absrel_bg']:.3f} → {dpt_s['absrel_bg']:.3f}). "
+    f"{dpt_s['absrel_obj']:.3f} in this run → {ship_s['absrel_obj']:.3f} for the shipped head), far above the floor and "
+    f"wall ({base_s['absrel_bg']:.3f} → {dpt_s['absrel_bg']:.3f} → {ship_s['absrel_bg']:.3f}). Training longer helps every "
+    f"backbone (shipped heads: AbsRel {shipped['random-init']['absrel']:.3f} random init, {ship_s['absrel']:.3f} "
+    f"self-supervised, {shipped['supervised']['absrel']:.3f} supervised control), and it shrinks what the features "
+    f"decide: at this budget the self-supervised features are worth "
+    f"{shipped['random-init']['absrel'] - ship_s['absrel']:.3f} AbsRel over random init and the supervised control's "
+    f"{shipped['random-init']['absrel'] - shipped['supervised']['absrel']:.3f}; even a random-init ViT passes on enough "
+    f"of the image (a random projection of each patch) for the DPT head's convolutions to recover most of the geometry. "
     f"The 8 × 8 grid is not the limit: the ground truth itself, averaged to 8 × 8 and upsampled, scores "
     f"AbsRel {oracle['absrel']:.3f}, δ1 {oracle['delta1']:.3f}. The limit is the features and the head's budget: "
     f"the pretrained features carry depth cues (a linear head reads AbsRel {lin_s['absrel']:.3f} from them, "
     f"{lin_r['absrel']:.3f} from random-init ones), but a self-supervised ViT of 2.8 M parameters trained for a few "
-    f"CPU hours (notebook 05) localises objects only at its 16-px patch grid, and the head trains for {STEPS_DPT} "
-    f"steps. What would reach the goal: a better-pretrained "
+    f"CPU hours (notebook 05) localises objects only at its 16-px patch grid. What would reach the goal: a better-pretrained "
     f"backbone (more pretraining steps, larger batches, on a GPU), larger images (more patches per object), the "
     f"official head widths and schedule (256 bins, thousands of steps), or fine-tuning the backbone (notebook 13)."))
 
