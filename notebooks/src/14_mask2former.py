@@ -47,7 +47,7 @@ from dinolab.set_loss import HungarianMatcher, SetCriterion, batch_dice_loss, ba
 from dinolab.trace import trace
 from dinolab.train import fit
 from dinolab.utils import count_params, get_device, seed_everything
-from dinolab.weights import tiny_checkpoint
+from dinolab.weights import TINY_CHECKPOINT, tiny_checkpoint
 
 viz.use_style()  # the series' figure style: 100 dpi, text >= 10 pt
 seed_everything(0)
@@ -653,6 +653,43 @@ plt.show()
 # * **EoMT** has no pixel stem: its masks come from patch tokens at stride 16, upsampled; it fine-tunes two ViT
 #   blocks (more trainable parameters) but has no decoder to run. With real DINOv3 weights and a large ViT, its paper
 #   finds it matches Mask2Former's accuracy at a fraction of the cost — a claim this CPU run cannot test.
+
+# %% [markdown] slide
+# ### With more scenes and steps
+#
+# 150 steps on 256 scenes is what fits in this notebook. `tools/scale_budget.py` runs this notebook again with
+# `SCALE` raised (the scenes and steps of this section multiplied by it, nothing else changed) and keeps each run's
+# RESULT line in `data/mask2former_scale_budget.json`, with the command:
+
+# %% subslide hide-input
+scale_budget = json.loads((TINY_CHECKPOINT.parent / "mask2former_scale_budget.json").read_text())
+sb = scale_budget["runs"]
+steps_axis = [b["result"]["steps"] for b in sb]
+fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.4))
+for key, label, c in (("miou_m2f", "Mask2Former", "C0"), ("miou_fpn", "FPN head", "C1"), ("miou_eomt", "EoMT", "C2")):
+    axes[0].plot(steps_axis, [b["result"][key] for b in sb], "o-", color=c, label=label)
+for key, label, c in (("pq_agnostic", "Mask2Former", "C0"), ("pq_agnostic_eomt", "EoMT", "C2")):
+    axes[1].plot(steps_axis, [b["result"][key] for b in sb], "o-", color=c, label=label)
+for ax, title in zip(axes, ("mIoU (6 classes)", "PQ, the five shapes merged into one class")):
+    ax.set_xscale("log")
+    ax.set_xticks(steps_axis, [f"{s:,}\n({b['result']['train_images']:,} scenes)" for s, b in zip(steps_axis, sb)])
+    ax.minorticks_off()
+    ax.set_xlabel("training steps (scenes)")
+    ax.set_title(title)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=11)
+plt.tight_layout()
+plt.show()
+last = sb[-1]["result"]
+display(Markdown(
+    f"At {last['steps']:,} steps on {last['train_images']:,} scenes: Mask2Former {last['miou_m2f']:.3f} mIoU, the FPN "
+    f"head {last['miou_fpn']:.3f}, EoMT {last['miou_eomt']:.3f}; Mask2Former is "
+    f"**{'at or above' if last['miou_m2f'] >= last['miou_fpn'] else 'below'}** the FPN head there "
+    f"(it was {'at or above' if sb[0]['result']['miou_m2f'] >= sb[0]['result']['miou_fpn'] else 'below'} it at "
+    f"{sb[0]['result']['steps']} steps). The shapes-merged PQ goes from {sb[0]['result']['pq_agnostic']:.3f} to "
+    f"{last['pq_agnostic']:.3f} for Mask2Former and from {sb[0]['result']['pq_agnostic_eomt']:.3f} to "
+    f"{last['pq_agnostic_eomt']:.3f} for EoMT; the PQ with the shapes told apart from {sb[0]['result']['pq']:.3f} to "
+    f"{last['pq']:.3f} (Mask2Former)."))
 
 # %% skip
 # NBVAL_IGNORE_OUTPUT
