@@ -38,8 +38,8 @@ from .mask2former import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from .position_encoding import PositionEmbeddingSine
 
 __all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_area", "box_iou", "generalized_box_iou",
-           "HungarianMatcher", "SetCriterion", "one2many_targets", "TinyDETR", "post_process", "window_features",
-           "average_precision"]
+           "HungarianMatcher", "SetCriterion", "one2many_targets", "hybrid_loss", "TinyDETR", "post_process",
+           "window_features", "average_precision"]
 
 
 # ------------------------------------------------------------------------------------------------ boxes
@@ -160,6 +160,18 @@ class SetCriterion(nn.Module):
 def one2many_targets(targets: list[dict], k: int) -> list[dict]:
     """Plain-DETR's one-to-many targets: every ground-truth object repeated ``k`` times."""
     return [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+
+
+def hybrid_loss(criterion: "SetCriterion", outputs: dict, targets: list[dict], k: int) -> Tensor:
+    """Plain-DETR's hybrid matching loss: the set loss of the one-to-one queries against ``targets``, plus, when the
+    model has a one-to-many group (``pred_logits_one2many`` in ``outputs``), the same loss of that group against the
+    targets repeated ``k`` times (``one2many_targets``)."""
+    loss = criterion.total(criterion(outputs, targets))
+    if "pred_logits_one2many" in outputs:
+        many = {"pred_logits": outputs["pred_logits_one2many"], "pred_boxes": outputs["pred_boxes_one2many"],
+                "aux_outputs": outputs["aux_outputs_one2many"]}
+        loss = loss + criterion.total(criterion(many, one2many_targets(targets, k)))
+    return loss
 
 
 # -------------------------------------------------------------------------------------------- detector

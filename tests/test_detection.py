@@ -21,6 +21,7 @@ from dinolab.detection import (
     box_iou,
     box_xyxy_to_cxcywh,
     generalized_box_iou,
+    hybrid_loss,
     one2many_targets,
     post_process,
     window_features,
@@ -106,6 +107,22 @@ def test_one2many_targets_and_query_groups():
     res = post_process(ev, (80, 96))
     assert res[0]["boxes"].shape == (4, 4) and res[0]["scores"].shape == (4,)
 
+
+
+def test_hybrid_loss_is_the_one_to_one_loss_plus_the_repeated_targets_loss():
+    torch.manual_seed(0)
+    det = TinyDETR(32, 3, hidden_dim=32, num_queries_one2one=4, num_queries_one2many=6, dec_layers=2, nheads=2,
+                   dim_feedforward=64).train()
+    crit = SetCriterion(3, HungarianMatcher(1.0, 5.0, 2.0), eos_coef=0.1)
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.4, 0.2, 0.3]])}]
+    out = det(torch.randn(2, 32, 5, 6))
+    many = {"pred_logits": out["pred_logits_one2many"], "pred_boxes": out["pred_boxes_one2many"],
+            "aux_outputs": out["aux_outputs_one2many"]}
+    by_hand = crit.total(crit(out, targets)) + crit.total(crit(many, one2many_targets(targets, 3)))
+    torch.testing.assert_close(hybrid_loss(crit, out, targets, 3), by_hand)
+    one2one = {k: v for k, v in out.items() if "one2many" not in k}  # no one-to-many group: the plain set loss
+    torch.testing.assert_close(hybrid_loss(crit, one2one, targets, 3), crit.total(crit(out, targets)))
 
 def test_tiny_detr_learns_one_box():
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinolab import data, hub, viz  # noqa: E402
 from dinolab.detection import (HungarianMatcher, SetCriterion, TinyDETR, average_precision,  # noqa: E402
-                               box_xyxy_to_cxcywh, one2many_targets, post_process, window_features)
+                               box_xyxy_to_cxcywh, hybrid_loss, post_process, window_features)
 from dinolab.train import fit  # noqa: E402
 from dinolab.utils import seed_everything  # noqa: E402
 from dinolab.weights import TINY_CHECKPOINT, tiny_checkpoint  # noqa: E402
@@ -95,11 +95,7 @@ def main() -> None:
             return {"feats": f_train[idx], "targets": [targets_train[i] for i in idx.tolist()]}
 
         def loss_fn(m, b):
-            out = m(b["feats"])
-            many = {"pred_logits": out["pred_logits_one2many"], "pred_boxes": out["pred_boxes_one2many"],
-                    "aux_outputs": out["aux_outputs_one2many"]}
-            return (criterion.total(criterion(out, b["targets"]))
-                    + criterion.total(criterion(many, one2many_targets(b["targets"], K_ONE2MANY))))
+            return hybrid_loss(criterion, m(b["feats"]), b["targets"], K_ONE2MANY)
 
         t0 = time.perf_counter()
         hist = fit(model, None, loss_fn, batch, steps=steps, lr=1e-3, weight_decay=1e-4, warmup=20, progress=False,

@@ -45,6 +45,7 @@ from dinolab.detection import (
     box_iou,
     box_xyxy_to_cxcywh,
     generalized_box_iou,
+    hybrid_loss,
     one2many_targets,
     post_process,
     window_features,
@@ -314,14 +315,8 @@ def train_detector(backbone_name: str, hybrid: bool) -> tuple[TinyDETR, list[flo
         idx = torch.randint(0, N_TRAIN, (BATCH,), generator=g)
         return {"feats": feats_train[idx], "targets": [targets_train[i] for i in idx.tolist()]}
 
-    def loss_fn(m, b):
-        out = m(b["feats"])
-        loss = criterion.total(criterion(out, b["targets"]))
-        if "pred_logits_one2many" in out:  # the one-to-many group: same loss, targets repeated k times
-            many = {"pred_logits": out["pred_logits_one2many"], "pred_boxes": out["pred_boxes_one2many"],
-                    "aux_outputs": out["aux_outputs_one2many"]}
-            loss = loss + criterion.total(criterion(many, one2many_targets(b["targets"], K_ONE2MANY)))
-        return loss
+    def loss_fn(m, b):  # with a one-to-many group: the same loss on it, targets repeated k times
+        return hybrid_loss(criterion, m(b["feats"]), b["targets"], K_ONE2MANY)
 
     t0 = time.perf_counter()
     hist = fit(model.to(DEVICE), None, loss_fn, batch, steps=STEPS, lr=1e-3, weight_decay=1e-4, warmup=20,
