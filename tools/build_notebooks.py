@@ -114,18 +114,23 @@ def normalise_ids(nb) -> None:
         cell["id"] = f"cell-{i:03d}"
 
 
+def execute(nb, timeout: int = 900) -> float:
+    """Run ``nb`` in place in a fresh kernel, from notebooks/, with CI's environment; return the seconds taken."""
+    from nbclient import NotebookClient
+
+    os.environ.update(ENV)
+    t0 = time.time()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": str(OUT)}}).execute()
+    return time.time() - t0
+
+
 def build(src: Path) -> float:
     import nbformat
-    from nbclient import NotebookClient
 
     nb = parse(src.read_text(), src.name)
     normalise_ids(nb)
-    os.environ.update(ENV)
-    t0 = time.time()
-    client = NotebookClient(nb, timeout=900, kernel_name="python3", record_timing=False,
-                            resources={"metadata": {"path": str(OUT)}})
-    client.execute()
-    dt = time.time() - t0
+    dt = execute(nb)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
     out = OUT / (src.stem + ".ipynb")

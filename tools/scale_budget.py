@@ -14,7 +14,6 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,18 +24,11 @@ SCALE_LINE = re.compile(r"^SCALE = 1\b", re.M)
 
 
 def run(src: Path, scale: int, timeout: int) -> tuple[dict, float]:
-    import os
-
-    from nbclient import NotebookClient
-
     text = src.read_text()
     if len(SCALE_LINE.findall(text)) != 1:
         raise SystemExit(f"{src.name}: expected exactly one line starting 'SCALE = 1'")
     nb = bn.parse(SCALE_LINE.sub(f"SCALE = {scale}", text), src.name)
-    os.environ.update(bn.ENV)
-    t0 = time.time()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(bn.OUT)}}).execute()
-    seconds = time.time() - t0
+    seconds = bn.execute(nb, timeout)
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             for line in out.get("text", "").splitlines():
