@@ -76,15 +76,25 @@ def patch_labels(mask: Tensor, patch: int = 16) -> Tensor:
     return F.avg_pool2d(one_hot, patch).argmax(1)
 
 
-def patch_probe_miou(backbone: nn.Module, train: dict, val: dict, epochs: int = 150, lr: float = 1e-2) -> float:
-    """mIoU (all 6 classes, patch grid) of a linear probe on the frozen normed patch tokens."""
-    def tokens(images):
-        f = extract_features(backbone, images, layers=1, batch_size=128, normalize=True, return_class_token=False)[0]
-        return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+def map_probe_miou(train_maps: Tensor, train_mask: Tensor, val_maps: Tensor, val_mask: Tensor, epochs: int = 150,
+                   lr: float = 1e-2) -> float:
+    """mIoU (all 6 classes, at the maps' grid) of a linear probe on frozen feature maps.
 
-    p = backbone.patch_size
-    xt, xv = tokens(train["image"]), tokens(val["image"])
-    yt, yv = patch_labels(train["mask"], p).flatten(), patch_labels(val["mask"], p).flatten()
+    ``*_maps`` (N, C, h, w); ``*_mask`` (N, S, S) pixel classes with S a multiple of h = w: a cell's label is its
+    most frequent pixel class (:func:`patch_labels`). The probe is one linear layer on the standardised features
+    of every cell, trained full-batch with AdamW and class-balanced cross-entropy."""
+    if train_maps.ndim != 4 or val_maps.ndim != 4 or train_maps.shape[1] != val_maps.shape[1]:
+        raise ValueError(f"feature maps must be (N, C, h, w) with the same C; got {tuple(train_maps.shape)} and "
+                         f"{tuple(val_maps.shape)}")
+    cells = []
+    for maps, mask in ((train_maps, train_mask), (val_maps, val_mask)):
+        h, w, S = maps.shape[-2], maps.shape[-1], mask.shape[-1]
+        if h != w or S % h or mask.shape[-2] != S or mask.shape[0] != maps.shape[0]:
+            raise ValueError(f"maps {tuple(maps.shape)} do not tile masks {tuple(mask.shape)}: need square maps whose "
+                             "size divides the mask's, one mask per map")
+        cells.append((maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).float(),
+                      patch_labels(mask, S // h).flatten()))
+    (xt, yt), (xv, yv) = cells
     mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)
     xt, xv = (xt - mean) / std, (xv - mean) / std
     # class-balanced weights, or the probe predicts background everywhere
@@ -100,6 +110,15 @@ def patch_probe_miou(backbone: nn.Module, train: dict, val: dict, epochs: int = 
     with torch.no_grad():
         pred = lin(xv).argmax(1)
     return miou(pred, yv, NUM_CLASSES)
+
+
+def patch_probe_miou(backbone: nn.Module, train: dict, val: dict, epochs: int = 150, lr: float = 1e-2) -> float:
+    """mIoU (all 6 classes, patch grid) of a linear probe on the frozen normed patch tokens (:func:`map_probe_miou`)."""
+    def tokens(images):
+        return extract_features(backbone, images, layers=1, batch_size=128, normalize=True,
+                                return_class_token=False)[0]
+
+    return map_probe_miou(tokens(train["image"]), train["mask"], tokens(val["image"]), val["mask"], epochs, lr)
 
 
 class ObjectKNN:
