@@ -21,6 +21,8 @@ Official pointers: ``dinov3/eval/detection/`` (Plain-DETR, Lin et al. 2023: ``mo
   transformer encoder, top-k proposals from a supervised proposal head, box refinement and relative position bias.
 * :func:`window_features`: the official detector's backbone features (4 layers concatenated, a 3×3 / 2×2 window
   split plus a resized global view, stacked: ``[B, 2·4·D, H/16, W/16]``).
+* :func:`batched_window_features` runs it over a set of images in batches; :func:`scene_targets` turns ShapesWorld's
+  boxes into detection targets (the five shape classes, background boxes dropped).
 * :func:`average_precision`: COCO's AP (``pycocotools`` ``COCOeval``, bbox, area "all", 100 detections per image,
   101 recall points), AP@0.5 and AP@[.5:.95].
 """
@@ -36,10 +38,11 @@ from torch import Tensor, nn
 
 from .mask2former import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from .position_encoding import PositionEmbeddingSine
+from .utils import normalize
 
 __all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_area", "box_iou", "generalized_box_iou",
            "HungarianMatcher", "SetCriterion", "one2many_targets", "hybrid_loss", "TinyDETR", "post_process",
-           "window_features", "average_precision"]
+           "window_features", "batched_window_features", "scene_targets", "average_precision"]
 
 
 # ------------------------------------------------------------------------------------------------ boxes
@@ -305,6 +308,32 @@ def window_features(backbone: nn.Module, x: Tensor, layers, n_windows_sqrt: int)
     glob = feats(F.interpolate(x, size=(wh, ww), mode="bilinear", antialias=True, align_corners=False))
     glob = F.interpolate(glob, size=windows.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([glob, windows], 1)
+
+
+@torch.no_grad()
+def batched_window_features(backbone: nn.Module, images: Tensor, layers, n_windows_sqrt: int = 2,
+                            batch_size: int = 64, device=None) -> Tensor:
+    """:func:`window_features` of ``images`` ([N, 3, H, W] in [0, 1], ImageNet-normalised here), ``batch_size`` at a
+    time on ``device`` (default: the backbone's), returned on the CPU."""
+    device = next(backbone.parameters()).device if device is None else device
+    x = normalize(images)
+    return torch.cat([window_features(backbone, x[i:i + batch_size].to(device), layers, n_windows_sqrt).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def scene_targets(scenes: dict, normalized: bool = True) -> list[dict]:
+    """ShapesWorld's ``boxes`` ([N, M, 4] pixel xyxy) and ``box_labels`` ([N, M], 0 = padding) → one target per
+    image: ``labels`` 0..4 (shape class − 1) and ``boxes``, as cxcywh normalised by the image size (``normalized``,
+    what the detector and its loss use) or as pixel xyxy (what :func:`average_precision` compares with)."""
+    size = scenes["image"].shape[-1] if "image" in scenes else None
+    if normalized and size is None:
+        raise ValueError("normalised targets need the scenes' 'image' (its size is the unit of the boxes)")
+    out = []
+    for boxes, labels in zip(scenes["boxes"], scenes["box_labels"]):
+        keep = labels > 0
+        b = box_xyxy_to_cxcywh(boxes[keep] / size) if normalized else boxes[keep]
+        out.append({"labels": labels[keep] - 1, "boxes": b})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- AP

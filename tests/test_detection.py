@@ -17,6 +17,7 @@ from dinolab.detection import (
     SetCriterion,
     TinyDETR,
     average_precision,
+    batched_window_features,
     box_cxcywh_to_xyxy,
     box_iou,
     box_xyxy_to_cxcywh,
@@ -24,6 +25,7 @@ from dinolab.detection import (
     hybrid_loss,
     one2many_targets,
     post_process,
+    scene_targets,
     window_features,
 )
 
@@ -245,3 +247,28 @@ def test_two_stage_token_queries():
     # the groups do not see each other: the one-to-one predictions are those of eval mode
     with torch.no_grad():
         torch.testing.assert_close(det(feats)["pred_logits"], det.eval()(feats)["pred_logits"])
+
+
+def test_batched_window_features_equal_one_call_on_normalised_images():
+    torch.manual_seed(0)
+    bb = hub.dinov3_vittiny16().eval()
+    images = torch.rand(5, 3, 64, 64)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        want = window_features(bb, (images - mean) / std, [1, 5], 2)
+    got = batched_window_features(bb, images, [1, 5], 2, batch_size=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scene_targets_drop_padding_and_shift_classes():
+    scenes = {"image": torch.zeros(2, 3, 128, 128),
+              "boxes": torch.tensor([[[0.0, 0.0, 64.0, 32.0], [0.0, 0.0, 0.0, 0.0]],
+                                     [[32.0, 64.0, 96.0, 128.0], [10.0, 20.0, 30.0, 40.0]]]),
+              "box_labels": torch.tensor([[2, 0], [5, 1]])}
+    norm, pixel = scene_targets(scenes), scene_targets(scenes, normalized=False)
+    assert [t["labels"].tolist() for t in norm] == [[1], [4, 0]]
+    torch.testing.assert_close(norm[0]["boxes"], torch.tensor([[0.25, 0.125, 0.5, 0.25]]))
+    torch.testing.assert_close(box_cxcywh_to_xyxy(norm[1]["boxes"]) * 128, pixel[1]["boxes"])
+    torch.testing.assert_close(pixel[1]["boxes"], scenes["boxes"][1])
+    with pytest.raises(ValueError, match="need the scenes' 'image'"):
+        scene_targets({k: v for k, v in scenes.items() if k != "image"})

@@ -21,34 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinolab import data, hub, viz  # noqa: E402
+from dinolab import data, hub  # noqa: E402
 from dinolab.detection import (HungarianMatcher, SetCriterion, TinyDETR, average_precision,  # noqa: E402
-                               box_xyxy_to_cxcywh, hybrid_loss, post_process, window_features)
+                               batched_window_features, hybrid_loss, post_process, scene_targets)
 from dinolab.train import fit  # noqa: E402
 from dinolab.utils import seed_everything  # noqa: E402
 from dinolab.weights import TINY_CHECKPOINT, tiny_checkpoint  # noqa: E402
 
 WORLD = dict(size=128, n_objects=(1, 3), object_scale=2.0)  # notebook 15's scenes
 LAYERS, N_VAL, BATCH, K_ONE2MANY = [1, 2, 4, 5], 128, 16, 4
-
-
-@torch.no_grad()
-def features(backbone, images, bs=64):
-    x = viz.normalize(images)
-    return torch.cat([window_features(backbone, x[i:i + bs], LAYERS, n_windows_sqrt=2) for i in range(0, len(x), bs)])
-
-
-def box_targets(s):
-    """labels 0..4 (shape class - 1) and normalised cxcywh boxes, per image (notebook 15's ``targets``)."""
-    out = []
-    for boxes, labels in zip(s["boxes"], s["box_labels"]):
-        keep = labels > 0
-        out.append({"labels": labels[keep] - 1, "boxes": box_xyxy_to_cxcywh(boxes[keep] / 128)})
-    return out
-
-
-def pixel_truth(s):
-    return [{"boxes": b[lab > 0], "labels": lab[lab > 0] - 1} for b, lab in zip(s["boxes"], s["box_labels"])]
 
 
 def parse_run(text: str) -> tuple[str, int, int]:
@@ -74,13 +55,14 @@ def main() -> None:
     n_max = max(n for _, n, _ in runs)
     train_set = data.ShapesWorld("train", num_samples=n_max, **WORLD).tensors()
     val_set = data.ShapesWorld("val", num_samples=N_VAL, **WORLD).tensors()
-    targets_train, truth_val = box_targets(train_set), pixel_truth(val_set)
-    truth_train = pixel_truth({k: train_set[k][:N_VAL] for k in ("boxes", "box_labels")})
+    targets_train, truth_val = scene_targets(train_set), scene_targets(val_set, normalized=False)
+    truth_train = scene_targets(train_set, normalized=False)[:N_VAL]
     paths = {"ssl": tiny_checkpoint(), "supervised": TINY_CHECKPOINT.with_name("dinov3_tiny_supervised.pth")}
     feats = {}
     for name in sorted({r[0] for r in runs}):
         backbone = hub.dinov3_vittiny16(weights=paths[name]).eval()
-        feats[name] = (features(backbone, train_set["image"]), features(backbone, val_set["image"]))
+        feats[name] = tuple(batched_window_features(backbone, s["image"], LAYERS, n_windows_sqrt=2)
+                            for s in (train_set, val_set))
     results = []
     for name, n_train, steps in runs:
         f_train = feats[name][0][:n_train]

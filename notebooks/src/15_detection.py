@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.patches import Rectangle
-from torch import nn
 
 from dinolab import data, hub
 from dinolab.detection import (
@@ -41,6 +40,7 @@ from dinolab.detection import (
     SetCriterion,
     TinyDETR,
     average_precision,
+    batched_window_features,
     box_cxcywh_to_xyxy,
     box_iou,
     box_xyxy_to_cxcywh,
@@ -48,6 +48,7 @@ from dinolab.detection import (
     hybrid_loss,
     one2many_targets,
     post_process,
+    scene_targets,
     window_features,
 )
 from dinolab.trace import trace
@@ -271,29 +272,15 @@ LAYERS = [1, 2, 4, 5]
 CHECKPOINTS = {"self-supervised": tiny_checkpoint(), "supervised": TINY_CHECKPOINT.with_name("dinov3_tiny_supervised.pth")}
 
 
-@torch.no_grad()
-def features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    x = viz.normalize(images)
-    return torch.cat([window_features(backbone, x[i:i + batch_size].to(DEVICE), LAYERS, n_windows_sqrt=2).cpu()
-                      for i in range(0, len(x), batch_size)])
-
-
-def targets(s: dict) -> list[dict]:
-    """Per image: labels 0..4 (shape class − 1) and boxes as normalised cxcywh."""
-    out = []
-    for boxes, labels in zip(s["boxes"], s["box_labels"]):
-        keep = labels > 0
-        out.append({"labels": labels[keep] - 1, "boxes": box_xyxy_to_cxcywh(boxes[keep] / 128)})
-    return out
-
-
 t0 = time.perf_counter()
 feats = {}
 for name, path in CHECKPOINTS.items():
     backbone = hub.dinov3_vittiny16(weights=path).eval().to(DEVICE)
-    feats[name] = (features(backbone, train_set["image"]), features(backbone, val_set["image"]))
+    feats[name] = tuple(batched_window_features(backbone, s["image"], LAYERS, n_windows_sqrt=2)
+                        for s in (train_set, val_set))
 feature_seconds = time.perf_counter() - t0
-targets_train, targets_val = targets(train_set), targets(val_set)
+# per image: labels 0..4 (shape class - 1) and boxes as normalised cxcywh
+targets_train, targets_val = scene_targets(train_set), scene_targets(val_set)
 print("features:", {name: tuple(f[0].shape) for name, f in feats.items()}, " objects per scene:",
       np.bincount([len(t["labels"]) for t in targets_train]).tolist(), "(0, 1, 2, 3)")
 print("image 0:", [data.SHAPES[c] for c in targets_train[0]["labels"].tolist()],
@@ -358,7 +345,7 @@ def predictions(name: str) -> list[dict]:
     return [{k: v.cpu() for k, v in r.items()} for r in post_process(out, (128, 128))]
 
 
-truth = [{"boxes": b[l > 0], "labels": l[l > 0] - 1} for b, l in zip(val_set["boxes"], val_set["box_labels"])]
+truth = scene_targets(val_set, normalized=False)  # boxes in pixels, xyxy
 preds = {name: predictions(name) for name in detectors}
 
 
