@@ -1,7 +1,7 @@
 """Where a pretraining step spends its time, and how close it runs to the machine's matmul rate.
 
     python tests/benchmarks/pretrain_speed.py [--batch-size 32] [--steps 6] [--threads N] [--config JSON]
-                                              [--sidecar data/dinov3_tiny_shapesworld.json]
+                                              [--sidecar data/dinov3_tiny_shapesworld.json] [--prefetch]
 
 Times the stages of one step of ``dinolab.pretrain`` with a ``PretrainConfig`` (default: the shipped recipe,
 phase 1): rendering (ShapesWorld, and the re-render when ``appearance_p`` > 0), multi-crop, teacher forward,
@@ -16,6 +16,14 @@ what else the machine is doing at the time as much as a raw time would. Last lin
 the last splits the step's time between the matrix products (``aten::mm``, ``addmm``, ``bmm`` and the attention
 kernel, measured by ``torch.profiler`` over the timed steps) and everything else, with the rate the products alone
 reach: U can be no larger than that rate times their share of the step, whatever the rest costs.
+
+``--prefetch``: would a data-loader worker help, rendering and cropping the next batch in a second process while the
+model trains on this one? It pays only if the model leaves a core idle. Measured after the above: the model's part of
+the step (teacher, student forward + backward, optimizer, EMA) on one batch made beforehand, alone and with a worker
+process (1 thread) rendering and cropping beside it, and alone with one thread fewer. The overlapped step would take
+the longer of the model's part beside the worker and the worker's time per batch. Its line:
+
+    prefetch: overlapped / sequential step = R   (below 1: a worker helps)
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ import argparse
 import contextlib
 import copy
 import json
+import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -56,6 +66,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--config", default="{}", help="PretrainConfig fields as JSON")
     ap.add_argument("--sidecar", default=None, help="a checkpoint's JSON sidecar: time its (phase-1) recipe")
+    ap.add_argument("--prefetch", action="store_true", help="also measure a data-loader worker process (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,15 +95,24 @@ def main() -> None:
     center = torch.zeros(1, cfg.head_out_dim)
     stages = {k: [] for k in ("render", "crops", "teacher", "student fwd + loss", "student bwd", "optim + EMA")}
 
-    def step(i: int, timed: bool, count_flops: bool = False) -> float:
-        t = [time.perf_counter()]
-        mark = lambda: t.append(time.perf_counter())  # noqa: E731
+    def make_batch(i: int):
         idx = torch.arange(i * B, (i + 1) * B)
         images = data.batch(idx)["image"]
         second = data.batch(idx, appearance=idx + 1)["image"] if cfg.appearance_p > 0 else None
-        mark()
+        return images, second
+
+    def make_crops(images, second):
         crops = aug(images, generator=g, second=second)
-        masks = masking.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio, generator=g)
+        return crops, masking.make_masks(2 * B, (grid, grid), cfg.mask_probability, cfg.mask_ratio, generator=g)
+
+    def step(i: int, timed: bool, count_flops: bool = False, fixed=None) -> float:
+        """One step; its stage times go to ``stages`` when ``timed``. ``fixed``: reuse these crops and masks (the
+        model's part alone: the render and crop stages then take no time)."""
+        t = [time.perf_counter()]
+        mark = lambda: t.append(time.perf_counter())  # noqa: E731
+        images, second = make_batch(i) if fixed is None else (None, None)
+        mark()
+        crops, masks = make_crops(images, second) if fixed is None else fixed
         mark()
         fc = FlopCounterMode(display=False) if count_flops else None
         with fc if fc is not None else contextlib.nullcontext():
@@ -144,6 +164,59 @@ def main() -> None:
           f"fp32 matmul rate; everything else {1 - matmul_s / total:.0%} (U would be {mm_rate / peak:.2f} if it took no time)")
     print(f"  model FLOPs per step {flops / 1e9:.1f} G; 2048^2 fp32 matmul {peak:.0f} GFLOP/s")
     print(f"pretrain: {B / total:.1f} img/s, {rate:.1f} GFLOP/s = {rate / peak:.2f} of the fp32 matmul rate")
+    if args.prefetch:
+        prefetch(cfg, lambda fixed: median_step(step, stages, args.steps, fixed), make_batch, make_crops, total)
+
+
+def median_step(step, stages, n: int, fixed) -> float:
+    """Median seconds of ``n`` steps on the ``fixed`` batch (after one warm-up step)."""
+    step(0, timed=False, fixed=fixed)
+    for v in stages.values():
+        v.clear()
+    for i in range(n):
+        step(i, timed=True, fixed=fixed)
+    return statistics.median(sum(v) for v in zip(*stages.values()))
+
+
+def _worker(make_batch, make_crops, stop, counter) -> None:
+    torch.set_num_threads(1)
+    i = 0
+    while not stop.is_set():
+        make_crops(*make_batch(i))
+        i += 1
+        with counter.get_lock():
+            counter.value += 1
+
+
+def prefetch(cfg, model_step, make_batch, make_crops, sequential: float) -> None:
+    """Time the model's part of the step alone, beside a worker process that renders and crops, and with one
+    thread fewer; print what the overlapped step would cost against the sequential one."""
+    threads = torch.get_num_threads()
+    fixed = make_crops(*make_batch(0))
+    alone = model_step(fixed)
+    ctx = mp.get_context("fork")
+    stop, counter = ctx.Event(), ctx.Value("i", 0)
+    proc = ctx.Process(target=_worker, args=(make_batch, make_crops, stop, counter))
+    proc.start()
+    try:
+        time.sleep(2.0)  # the worker is up and running
+        c0, t0 = counter.value, time.perf_counter()
+        beside = model_step(fixed)
+        rate = (counter.value - c0) / (time.perf_counter() - t0)
+    finally:
+        stop.set()
+        proc.join()
+    torch.set_num_threads(max(1, threads - 1))
+    fewer = model_step(fixed)
+    torch.set_num_threads(threads)
+    overlapped = max(beside, 1 / max(rate, 1e-9))
+    print(f"prefetch ({os.cpu_count()} cores; the model on {threads} threads):")
+    print(f"  whole step in sequence       {sequential * 1e3:7.0f} ms")
+    print(f"  model part alone             {alone * 1e3:7.0f} ms")
+    print(f"  model part, worker beside    {beside * 1e3:7.0f} ms ({beside / alone:.1f}x alone); the worker makes "
+          f"{rate:.1f} batches/s ({1e3 / max(rate, 1e-9):.0f} ms each)")
+    print(f"  model part, {max(1, threads - 1)} thread(s)         {fewer * 1e3:7.0f} ms ({fewer / alone:.1f}x alone)")
+    print(f"prefetch: overlapped / sequential step = {overlapped / sequential:.2f}")
 
 
 if __name__ == "__main__":
