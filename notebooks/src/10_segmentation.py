@@ -478,8 +478,8 @@ print("linear head: pretrained > random-init backbone (mIoU); pipeline > linear 
 # ### 5.1 The pipeline trained longer, offline
 #
 # Sixty-four steps is what fits in this notebook. `python -m dinolab.finetune segmentation --head fpn --backbone
-# ssl|supervised|random` trains the same pipeline (adapter + pixel decoder + FPN head, the same recipe) for 1,500 steps
-# on 2,048 scenes and writes its trained part in fp16 with a sidecar (recipe, held-out curve, time, sha256) to `data/`;
+# ssl|supervised|random` trains the same pipeline (adapter + pixel decoder + FPN head, the same recipe) for 3,000 steps
+# on 4,096 scenes and writes its trained part in fp16 with a sidecar (recipe, held-out curve, time, sha256) to `data/`;
 # `dinolab.finetune.load` rebuilds the model and checks the sha256. Scored here on the same 128 validation scenes:
 
 # %% hide-input
@@ -501,7 +501,8 @@ for bb, label in (("random", "random-init"), ("ssl", "pretrained"), ("supervised
 # %% subslide hide-input
 # NBVAL_IGNORE_OUTPUT
 live = {"random-init": r_random, "pretrained": r_rgb, "supervised control": r_sup}
-rows = ["| pipeline, backbone | mIoU, 64 steps (above) | mIoU, 1,500 steps (shipped) | " + " | ".join(f"IoU {n}" for n in NAMES)
+shipped_steps = long_seg["pretrained"]["meta"]["config"]["steps"]
+rows = [f"| pipeline, backbone | mIoU, {STEPS} steps (above) | mIoU, {shipped_steps:,} steps (shipped) | " + " | ".join(f"IoU {n}" for n in NAMES)
         + " | boundary F |", "|---|---|---|" + "---|" * K + "---|"]
 for label, r in long_seg.items():
     rows.append(f"| {label} | {live[label]['miou']:.3f} | **{r['miou']:.3f}** | "
@@ -521,19 +522,34 @@ ax.set_title("the pipeline trained offline: held-out mIoU during training")
 ax.legend(fontsize=11, ncol=2)
 plt.tight_layout()
 plt.show()
+
+# %% subslide hide-input
 ssl_l, rand_l, sup_l = (long_seg[k] for k in ("pretrained", "random-init", "supervised control"))
-ev = ssl_l["meta"]["curves"]
+spread = {k: max(e["miou"] for e in r["meta"]["curves"][-4:]) - min(e["miou"] for e in r["meta"]["curves"][-4:])
+          for k, r in long_seg.items()}  # how much each curve wobbles over its last four evaluations
+wobble, gain = max(spread.values()), ssl_l["miou"] - rand_l["miou"]
+# what the text of this section and of "The target, honestly" says
+assert ssl_l["miou"] >= 0.80 and rand_l["miou"] >= 0.80 and abs(gain) <= wobble, (ssl_l["miou"], rand_l["miou"], wobble)
+last = ssl_l["meta"]["curves"][-4:]
 display(Markdown(
-    f"Trained {ssl_l['meta']['config']['steps'] // STEPS}× longer on {ssl_l['meta']['config']['n_train'] // N_TRAIN}× "
+    f"Trained {ssl_l['meta']['config']['steps'] / STEPS:.0f}× longer on {ssl_l['meta']['config']['n_train'] / N_TRAIN:.0f}× "
     f"more scenes, the pipeline on the self-supervised backbone goes from {r_rgb['miou']:.3f} to {ssl_l['miou']:.3f} "
-    f"mIoU (goal 0.80: **{'reached' if ssl_l['miou'] >= 0.80 else 'not reached'}**; its curve still rose by "
-    f"{ev[-1]['miou'] - ev[-2]['miou']:+.3f} over the last {ev[-1]['step'] - ev[-2]['step']} steps). On random-init "
-    f"features the same training reaches {rand_l['miou']:.3f}, on the supervised control's {sup_l['miou']:.3f}. "
-    + (f"So at this budget the pretrained features are worth {ssl_l['miou'] - rand_l['miou']:+.3f} mIoU over random "
-       "init, and labels would add " f"{sup_l['miou'] - ssl_l['miou']:+.3f} more."
-       if ssl_l["miou"] - rand_l["miou"] > 0.03 else
-       "So at this budget the pipeline learns the shapes mostly from the pixels, through its own trainable parts (the "
-       "SPM's convolutions, the interactions, the pixel decoder), and the frozen features add little.")))
+    f"mIoU (goal 0.80: **{'reached' if ssl_l['miou'] >= 0.80 else 'not reached'}**, by {ssl_l['miou'] - 0.80:+.3f}). "
+    f"Its last four evaluations (steps "
+    f"{last[0]['step']:,}–{last[-1]['step']:,}) lie within {spread['pretrained']:.3f} of each other; the widest such "
+    f"spread among the three curves is {wobble:.3f}"
+    + (", larger than the margin by which the goal is met: one more evaluation could fall either side of it. "
+       if ssl_l["miou"] - 0.80 < spread["pretrained"] else ". ")
+    + f"On random-init features the same training reaches "
+    f"{rand_l['miou']:.3f}, on the supervised control's {sup_l['miou']:.3f}. "
+    + (f"So at this budget the pretrained features are worth {gain:+.3f} mIoU over random init, and labels would add "
+       f"{sup_l['miou'] - ssl_l['miou']:+.3f} more."
+       if gain > wobble else
+       f"The differences between the backbones ({gain:+.3f} for the self-supervised one over random init, "
+       f"{sup_l['miou'] - rand_l['miou']:+.3f} for the supervised control) are no larger than that wobble: trained "
+       "this long, the pipeline learns the shapes from the pixels, through its own trainable parts (the SPM's "
+       "convolutions, the extractors, the pixel decoder, the FPN head), and the frozen features buy nothing "
+       "measurable. The linear head, which has nothing but the features, is where they show (section 4).")))
 
 # %% skip
 # NBVAL_IGNORE_OUTPUT
@@ -598,9 +614,11 @@ plt.show()
 # %% [markdown] slide
 # ### The target, honestly
 #
-# The target set for this notebook: **mIoU ≥ 0.80** for backbone → adapter → pixel decoder → FPN head, and
-# above the official linear head. Neither this run nor the heads trained 23× longer offline (section 5.1) come close
-# on a CPU; the second is a tie in mIoU in this run (the pipeline wins on boundaries). The numbers:
+# The target set for this notebook: **mIoU ≥ 0.80** for backbone → adapter → pixel decoder → FPN head on the
+# self-supervised backbone, and above the official linear head. The 64-step run here is far from it (and ties the
+# linear head in mIoU, winning on boundaries). The pipeline trained offline (section 5.1) reaches it, and so does
+# the same pipeline on random-init features: met this way, the goal says more about the pipeline than about the
+# features. The numbers:
 
 # %% hide-input
 # NBVAL_IGNORE_OUTPUT
@@ -620,7 +638,7 @@ display(Markdown("\n".join([
     f"| best IoU among the five shape classes (pipeline) | — | {r_rgb['iou'][1:].max():.2f} |"])))
 
 # %% [markdown] notes
-# **Why it is out of reach here.**
+# **Why the live run is far from it, and why the long runs do not need the features.**
 #
 # * **The frozen features separate the shapes only a little.** The tiny checkpoint was pretrained for two hours on
 #   2 CPU cores, on single objects; notebook 05 measures its k-NN there at 0.34 against 0.23 at random init. The
@@ -634,16 +652,18 @@ display(Markdown("\n".join([
 #   interactions, the pixel decoder, the FPN head) in 64 steps × 16 scenes. That is enough for object-vs-background
 #   and for clean boundaries (high background IoU and boundary F), not for telling a circle from a ring or a square
 #   from a triangle: the shape-class IoUs stay low, and the loss curves are still falling slowly when training stops.
-#   Section 5.1 shows what 23× more steps do.
+# * **Given about 47× the steps on about 10× the scenes (section 5.1), those parts learn the shapes from the pixels
+#   alone**: the pipeline on random-init features scores as well as on pretrained ones. ShapesWorld's classes are
+#   simple outlines on a flat floor, which convolutions can learn from a few thousand scenes.
 # * **Resolution.** A 128-px crop is 8 × 8 patches; an object covers a few patches, so the ViT sees its outline at a
 #   resolution of 16 px.
 #
-# **What would reach it** (none of which fits 2 CPU cores and 90 s): a backbone with real features — a longer
+# **What would make the features count** (none of which fits 2 CPU cores): a backbone with real features — a longer
 # pretraining (`python -m dinolab.pretrain` for hours, on a GPU) or real DINOv3 weights (ViT-S/16 or larger, loaded as
-# in notebook 04); thousands of training steps on thousands of scenes (`SCALE` on a GPU; the official linear recipe
-# runs 40k iterations at 512 px); larger crops (256 px = 16 × 16 patches); and, with weak features, fine-tuning the
-# backbone or LoRA on q and v (notebook 13). The check of success is the linear head: when it rises, the features
-# have become good, and the adapter, pixel decoder and FPN head then add their boundary quality on top.
+# in notebook 04); larger crops (256 px = 16 × 16 patches); and real images, where a few thousand scenes are too few
+# to learn the classes from pixels; with weak features, fine-tuning the backbone or LoRA on q and v (notebook 13). The
+# check of success is the linear head: when it rises, the features have become good, and the adapter, pixel decoder
+# and FPN head then add their boundary quality on top.
 
 # %% [markdown] slide
 # ## 6. Summary: what to remember
@@ -653,8 +673,9 @@ display(Markdown("\n".join([
 #   [B, 64, 32, 32] and `multi_scale_features` at strides 32, 16, 8 (coarse to fine) → FPN head on
 #   `[mask_features, ms[2], ms[1], ms[0]]` (finest first) → logits [B, 6, 128, 128].
 # * The official **linear head** (BatchNorm + 1×1 conv on the patch maps) measures the backbone's features; the
-#   **pipeline** also learns from pixels through the SPM and predicts at stride 4 — better boundaries
-#   always, better classes only if the features carry them. Compare with a random-init backbone to know which.
+#   **pipeline** also learns from pixels through the SPM and predicts at stride 4 — better boundaries always, and,
+#   trained long enough on simple shapes, the classes too, whatever the features. Compare with a random-init backbone
+#   to know what the features add.
 # * A frozen backbone run under `no_grad` can be **cached**: training then costs only the trainable parts, and a
 #   stand-in that returns the cached layers gives exactly the same model (checked).
 # * **RGB-D early fusion**: a 4-channel patch embedding whose first three input channels are the RGB weights. With a
