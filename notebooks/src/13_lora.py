@@ -19,7 +19,7 @@
 #    LoRA, full fine-tuning — compared on score, trainable parameters, memory and step time;
 # 6. **merge** the update into the weights and check that inference then costs exactly what the plain model costs.
 #
-# Expected run time: about 45 s on 2 CPU cores.
+# Expected run time: about 55 s on 2 CPU cores.
 
 # %% slide hide-input
 from IPython.display import Markdown, display
@@ -625,14 +625,19 @@ display(Markdown("\n".join(rows)))
 # %% hide-input
 from dinolab import finetune
 
+def score_shipped(path):
+    """Foreground IoU of a shipped model on the shifted validation scenes."""
+    model = finetune.load(path, device=DEVICE)
+    with torch.no_grad():
+        pred = torch.cat([model(x_va[i:i + 64]).argmax(1).cpu() for i in range(0, N_VAL, 64)])
+    return fg_iou(pred, y_va)
+
+
 long_runs = {}
 for head, name in (("linear", "linear probe"), ("lora", "LoRA r=4 (q, v)")):
     path = TINY_CHECKPOINT.with_name(f"lora_{head}_ssl.pth")
     meta = json.loads(path.with_suffix(".json").read_text())
-    model = finetune.load(path, device=DEVICE)
-    with torch.no_grad():
-        pred = torch.cat([model(x_va[i:i + 64]).argmax(1).cpu() for i in range(0, N_VAL, 64)])
-    long_runs[name] = dict(score=fg_iou(pred, y_va), meta=meta, file_kb=path.stat().st_size / 1024,
+    long_runs[name] = dict(score=score_shipped(path), meta=meta, file_kb=path.stat().st_size / 1024,
                            trainable=meta["trainable_params"])
     c = meta["config"]
     print(f"data/lora_{head}_ssl.pth ({long_runs[name]['file_kb']:,.0f} KB): {c['steps']:,} steps × {c['batch_size']} "
@@ -678,6 +683,29 @@ ax.set_title("the three methods trained offline: held-out foreground IoU during 
 ax.legend(fontsize=11)
 plt.tight_layout()
 plt.show()
+
+# %% [markdown] subslide
+# How much of that margin is the run's luck? The same two commands with `--seed 1` and `--seed 2` (another
+# initialisation of the head and of LoRA's A matrices, another batch order; the same scenes) are shipped too
+# (`data/lora_linear_seed1_ssl.pth` and so on), scored here on the same validation scenes:
+
+# %% hide-input
+seed_gaps = {0: gap_long}
+rows = ["| seed | linear probe | LoRA r=4 (q, v) | LoRA − probe |", "|---|---|---|---|",
+        f"| 0 (above) | {long_runs['linear probe']['score']:.3f} | {long_runs['LoRA r=4 (q, v)']['score']:.3f} | "
+        f"{gap_long:+.3f} |"]
+for seed in (1, 2):
+    probe_s, lora_s = (score_shipped(TINY_CHECKPOINT.with_name(f"lora_{h}_seed{seed}_ssl.pth")) for h in ("linear", "lora"))
+    seed_gaps[seed] = lora_s - probe_s
+    rows.append(f"| {seed} | {probe_s:.3f} | {lora_s:.3f} | {seed_gaps[seed]:+.3f} |")
+display(Markdown("\n".join(rows)))
+g = torch.tensor(list(seed_gaps.values()))
+met = int((g >= 0.10).sum())
+display(Markdown(
+    f"Over three seeds LoRA − probe is {g.mean():+.3f} on average, from {g.min():+.3f} to {g.max():+.3f}: the target "
+    f"LoRA ≥ probe + 0.10 is met by {met} of the 3 runs. LoRA's lead is the same size in every run; whether it clears "
+    "0.10 exactly depends on the seed, so read the target as met at its edge, not with room to spare."))
+assert g.min() > 0.05, seed_gaps  # LoRA is clearly ahead in every run
 
 # %% [markdown] subslide
 # ### 5.5 Memory: what each method has to keep
