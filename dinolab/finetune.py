@@ -365,6 +365,14 @@ def load(path: str | Path, device=None) -> BackboneHead:
     return model.eval().to(device) if device is not None else model.eval()
 
 
+@torch.no_grad()
+def predict_in_batches(model: nn.Module, x: Tensor, batch_size: int = 64) -> Tensor:
+    """``model(x)`` in batches of ``batch_size`` on the model's device, without autograd, gathered on the CPU (the
+    notebooks score shipped heads this way on their own validation scenes)."""
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def default_out(cfg: FinetuneConfig) -> str:
     prefix = TASKS[cfg.task]

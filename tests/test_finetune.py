@@ -121,3 +121,12 @@ def test_shipped_heads_match_their_sidecar_and_load(path):
     steps = [c["step"] for c in meta["curves"]]
     assert steps == sorted(steps) and steps[-1] == cfg.steps and len(meta["history"]) == cfg.steps
     assert meta["final"] == {k: v for k, v in meta["curves"][-1].items() if k != "step"}
+
+
+def test_predict_in_batches_equals_one_call_without_autograd():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(7, 3, 8, 8)
+    got = finetune.predict_in_batches(model, x, batch_size=3)
+    torch.testing.assert_close(got, model(x).detach())
+    assert not got.requires_grad and got.device.type == "cpu"

@@ -489,10 +489,7 @@ long_seg = {}
 for bb, label in (("random", "random-init"), ("ssl", "pretrained"), ("supervised", "supervised control")):
     path = TINY_CHECKPOINT.with_name(f"seg_fpn_{bb}.pth")
     meta = json.loads(path.with_suffix(".json").read_text())
-    model = finetune.load(path, device=DEVICE)
-    with torch.no_grad():
-        pred = torch.cat([model(viz.normalize(val_set["image"][i:i + 32]).to(DEVICE)).argmax(1).cpu()
-                          for i in range(0, N_VAL, 32)])
+    pred = finetune.predict_in_batches(finetune.load(path, device=DEVICE), viz.normalize(val_set["image"]), 32).argmax(1)
     m, iou = miou(pred, target, K, per_class=True)
     long_seg[label] = dict(miou=m, iou=iou, bf=boundary_fscore(pred, target, tolerance_px=2), pred=pred, meta=meta)
     c = meta["config"]

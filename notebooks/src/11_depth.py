@@ -683,9 +683,7 @@ shipped = {}
 for bb, label in (("random", "random-init"), ("ssl", "pretrained"), ("supervised", "supervised")):
     path = TINY_CHECKPOINT.with_name(f"depth_dpt_{bb}.pth")
     meta = json.loads(path.with_suffix(".json").read_text())
-    model = finetune.load(path, device=DEVICE)
-    with torch.no_grad():
-        pr = torch.cat([model(viz.normalize(val["image"][i:i + 64]).to(DEVICE))[:, 0].cpu() for i in range(0, N_VAL, 64)])
+    pr = finetune.predict_in_batches(finetune.load(path, device=DEVICE), viz.normalize(val["image"]))[:, 0]
     m = metrics(pr, d_va)
     m.update(absrel_obj=absrel(pr[obj], d_va[obj]), absrel_bg=absrel(pr[~obj], d_va[~obj]), pred=pr, meta=meta)
     shipped[label] = m

@@ -627,10 +627,7 @@ from dinolab import finetune
 
 def score_shipped(path):
     """Foreground IoU of a shipped model on the shifted validation scenes."""
-    model = finetune.load(path, device=DEVICE)
-    with torch.no_grad():
-        pred = torch.cat([model(x_va[i:i + 64]).argmax(1).cpu() for i in range(0, N_VAL, 64)])
-    return fg_iou(pred, y_va)
+    return fg_iou(finetune.predict_in_batches(finetune.load(path, device=DEVICE), x_va).argmax(1), y_va)
 
 
 long_runs = {}
